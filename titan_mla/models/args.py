@@ -1,0 +1,86 @@
+"""Model arguments of the MLA transformer and the FLOP count used for MFU."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+from torchtitan.config import JobConfig
+from torchtitan.protocols.model import BaseModelArgs
+
+
+@dataclass
+class MLAModelArgs(BaseModelArgs):
+    """A dense decoder with DeepSeek-V3 Multi-Head Latent Attention.
+
+    Attention per head uses a query/key of ``qk_nope_head_dim + qk_rope_head_dim`` values and a
+    value of ``v_head_dim``. Keys and values come from one ``kv_lora_rank`` latent per token (plus a
+    ``qk_rope_head_dim`` rotary key shared by all heads): that is all an inference cache must hold.
+    """
+
+    dim: int = 2048
+    n_layers: int = 16
+    n_heads: int = 16
+    vocab_size: int = 32768
+    ffn_hidden_dim: int = 8192
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+
+    # Multi-Head Latent Attention. q_lora_rank == 0 means one full-rank query projection.
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+
+    # Rotary embedding with YaRN. YaRN is on whenever rope_factor > 1, whatever the training length:
+    # a model extended to rope_factor * original_seq_len positions keeps the same frequencies when it
+    # is trained or evaluated on shorter sequences.
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    rope_factor: float = 1.0
+    original_seq_len: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def yarn_enabled(self) -> bool:
+        return self.rope_factor > 1.0
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(d_qk), times YaRN's attention-temperature correction mscale^2 when YaRN is on."""
+        scale = self.qk_head_dim**-0.5
+        if self.yarn_enabled:
+            mscale = 0.1 * self.mscale * math.log(self.rope_factor) + 1.0
+            scale *= mscale * mscale
+        return scale
+
+    def update_from_config(self, job_config: JobConfig, **kwargs) -> None:
+        seq_len = job_config.training.seq_len
+        max_positions = int(self.original_seq_len * max(self.rope_factor, 1.0))
+        if seq_len > max_positions:
+            raise ValueError(
+                f"training.seq_len={seq_len} exceeds the {max_positions} positions this flavor's "
+                f"rotary embedding covers (original_seq_len={self.original_seq_len} x "
+                f"rope_factor={self.rope_factor}); pick a flavor with YaRN (e.g. '1B_long')"
+            )
+        self.max_seq_len = seq_len
+
+    def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
+        """torchtitan's dense formula: 6 FLOPs per matmul weight per token, plus the attention matmuls
+        (QK^T with the qk head width, PV with the v head width; causal sparsity not discounted)."""
+        nparams = sum(p.numel() for p in model.parameters())
+        # The embedding lookup does no matmul; with tied embeddings the same weight is the output
+        # projection, which does.
+        matmul_params = nparams - (0 if self.tie_embeddings else self.vocab_size * self.dim)
+        attention_flops = (
+            6 * self.n_layers * self.n_heads * (self.qk_head_dim + self.v_head_dim) * seq_len
+        )
+        return nparams, 6 * matmul_params + attention_flops

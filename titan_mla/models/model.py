@@ -1,0 +1,184 @@
+"""The MLA transformer: a dense decoder with DeepSeek-V3 Multi-Head Latent Attention.
+
+The model knows nothing of parallelism; titan_mla.parallelisms applies TP, CP, activation
+checkpointing, compile and FSDP from outside, torchtitan style.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torchtitan.models.utils import trunc_normal_
+from torchtitan.protocols.train_spec import ModelProtocol
+
+from .args import MLAModelArgs
+from .rope import apply_rope, rope_cos_sin
+
+# cuDNN takes MLA's unequal qk (192) / v (128) head dims on Hopper; FLASH refuses them and EFFICIENT
+# is ~9x slower but correct. MATH is left out on GPU so that a slow path is an error, never silent.
+_GPU_SDPA_BACKENDS = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+]
+_CPU_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+
+
+class CausalSDPA(nn.Module):
+    """Causal scaled-dot-product attention as a module, q, k, v first, so that context parallel
+    (torchtitan's apply_cp_to_attention_module) can wrap it."""
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
+    ) -> torch.Tensor:
+        backends = _CPU_SDPA_BACKENDS if q.device.type == "cpu" else _GPU_SDPA_BACKENDS
+        with sdpa_kernel(backends, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, args: MLAModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.q_lora_rank = args.q_lora_rank
+        self.kv_lora_rank = args.kv_lora_rank
+        self.qk_nope_head_dim = args.qk_nope_head_dim
+        self.qk_rope_head_dim = args.qk_rope_head_dim
+        self.qk_head_dim = args.qk_head_dim
+        self.v_head_dim = args.v_head_dim
+        self.softmax_scale = args.softmax_scale
+
+        if self.q_lora_rank == 0:
+            self.wq = nn.Linear(args.dim, self.n_heads * self.qk_head_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(args.dim, self.q_lora_rank, bias=False)
+            self.q_norm = nn.RMSNorm(self.q_lora_rank, eps=args.norm_eps)
+            self.wq_b = nn.Linear(self.q_lora_rank, self.n_heads * self.qk_head_dim, bias=False)
+        # Down-projection to the cached latent c_kv and the shared rotary key k_pe.
+        self.wkv_a = nn.Linear(args.dim, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
+        self.kv_norm = nn.RMSNorm(self.kv_lora_rank, eps=args.norm_eps)
+        # Up-projection of the latent to per-head no-rope keys (W_UK) and values (W_UV).
+        self.wkv_b = nn.Linear(
+            self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+        )
+        self.wo = nn.Linear(self.n_heads * self.v_head_dim, args.dim, bias=False)
+        self.sdpa = CausalSDPA()
+
+    def project_q(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, heads, qk_head_dim) queries, rope part not yet rotated."""
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        # -1 heads: tensor parallel may have sharded the heads.
+        return q.unflatten(-1, (-1, self.qk_head_dim))
+
+    def project_latent(
+        self, x: torch.Tensor, rope_cache: torch.Tensor, positions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What an inference cache holds per token: the normalized latent c_kv (batch, seq,
+        kv_lora_rank) and the rotated shared key k_pe (batch, seq, qk_rope_head_dim)."""
+        latent, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        k_pe = apply_rope(k_pe.unsqueeze(2), rope_cache, positions).squeeze(2)
+        return self.kv_norm(latent), k_pe
+
+    def forward(
+        self, x: torch.Tensor, rope_cache: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        q = self.project_q(x)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q = torch.cat([q_nope, apply_rope(q_pe, rope_cache, positions)], dim=-1)
+
+        latent, k_pe = self.project_latent(x, rope_cache, positions)
+        kv = self.wkv_b(latent).unflatten(-1, (-1, self.qk_nope_head_dim + self.v_head_dim))
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
+
+        out = self.sdpa(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=self.softmax_scale
+        )
+        return self.wo(out.transpose(1, 2).flatten(2))
+
+    def init_weights(self, out_std: float) -> None:
+        in_projections = [self.wkv_a, self.wkv_b]
+        in_projections += [self.wq] if self.q_lora_rank == 0 else [self.wq_a, self.wq_b]
+        for linear in in_projections:
+            trunc_normal_(linear.weight, mean=0.0, std=0.02)
+        trunc_normal_(self.wo.weight, mean=0.0, std=out_std)
+        self.kv_norm.reset_parameters()
+        if self.q_lora_rank > 0:
+            self.q_norm.reset_parameters()
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def init_weights(self, out_std: float) -> None:
+        trunc_normal_(self.w1.weight, mean=0.0, std=0.02)
+        for linear in (self.w2, self.w3):
+            trunc_normal_(linear.weight, mean=0.0, std=out_std)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: MLAModelArgs):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.attention = MultiHeadLatentAttention(args)
+        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.feed_forward = SwiGLU(args.dim, args.ffn_hidden_dim)
+        # Depth-scaled init of the residual-branch outputs, as torchtitan's models do.
+        self.out_init_std = 0.02 / (2 * (layer_id + 1)) ** 0.5
+
+    def forward(
+        self, x: torch.Tensor, rope_cache: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope_cache, positions)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def init_weights(self) -> None:
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attention.init_weights(self.out_init_std)
+        self.feed_forward.init_weights(self.out_init_std)
+
+
+class MLATransformer(ModelProtocol):
+    def __init__(self, args: MLAModelArgs):
+        super().__init__(args)
+        self.model_args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.register_buffer("rope_cache", rope_cos_sin(args), persistent=False)
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerBlock(i, args) for i in range(args.n_layers)}
+        )
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        buffer_device = buffer_device or self.rope_cache.device
+        self.rope_cache = rope_cos_sin(self.model_args, buffer_device)
+        for layer in self.layers.values():
+            layer.init_weights()
+        self.norm.reset_parameters()
+        if self.model_args.tie_embeddings:
+            nn.init.normal_(self.tok_embeddings.weight, std=self.model_args.dim**-0.5)
+        else:
+            nn.init.normal_(self.tok_embeddings.weight)
+            std = self.model_args.dim**-0.5
+            trunc_normal_(self.output.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (batch, seq, vocab) for tokens (batch, seq); positions (seq,) or (batch, seq)
+        default to 0..seq-1 (packed sequences, context parallel and decode pass their own)."""
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers.values():
+            h = layer(h, self.rope_cache, positions)
+        return self.output(self.norm(h))

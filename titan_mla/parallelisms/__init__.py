@@ -1,0 +1,3 @@
+from .parallelize import apply_fsdp, parallelize_mla
+
+__all__ = ["apply_fsdp", "parallelize_mla"]
