@@ -15,7 +15,7 @@ import datasets
 from torchtitan.hf_datasets import DatasetConfig
 
 BUILTIN_CORPUS = "builtin:python-docs"
-# Every HELD_OUT_EVERY-th documentation topic (in sorted order) is the validation split.
+# Every HELD_OUT_EVERY-th documentation text (in topic-name order) is the validation split.
 HELD_OUT_EVERY = 10
 _FILE_BUILDERS = {
     ".jsonl": "json",
@@ -34,9 +34,10 @@ def builtin_documents(split: str = "train") -> list[str]:
         raise ValueError(
             f"unknown split '{split}' of {BUILTIN_CORPUS}: use 'train' or 'validation'"
         )
-    names = sorted(topics)
+    # Several topic names share one text: keep each text once, in topic-name order.
+    texts = list(dict.fromkeys(topics[name] for name in sorted(topics)))
     held_out = split == "validation"
-    return [topics[name] for i, name in enumerate(names) if (i % HELD_OUT_EVERY == 0) == held_out]
+    return [text for i, text in enumerate(texts) if (i % HELD_OUT_EVERY == 0) == held_out]
 
 
 def load_corpus(path: str, split: str = "train") -> datasets.Dataset:
