@@ -43,7 +43,7 @@ FLOAT8 = [
 
 @dataclass
 class Variant:
-    impl: str  # "titan_mla" | "torchtitan_deepseek_v3"
+    impl: str  # "titan_mla" | "titan_mla_torch_ops" (kernels = "torch") | "torchtitan_deepseek_v3"
     ac: str  # activation_checkpoint.mode
     batch: int
     float8: bool = False
@@ -67,6 +67,8 @@ class Variant:
         ]
         if self.impl == "torchtitan_deepseek_v3":
             args += TORCHTITAN_DENSE_1B
+        if self.impl == "titan_mla_torch_ops":
+            args.append("--model.kernels=torch")
         return args + (FLOAT8 if self.float8 else [])
 
 
@@ -74,6 +76,7 @@ VARIANTS = [
     # Equal settings: the configuration of mla_1b.toml.
     Variant("titan_mla", "selective", 4),
     Variant("torchtitan_deepseek_v3", "selective", 4),
+    Variant("titan_mla_torch_ops", "selective", 4),
     # Each side's best bf16 setting measured here for the anchor (no AC, batch 8).
     Variant("titan_mla", "none", 8),
     Variant("torchtitan_deepseek_v3", "none", 8),
@@ -83,7 +86,7 @@ VARIANTS = [
 ]
 
 
-def run_variant(variant: Variant, steps: int, log_dir: Path, timeout_s: int) -> dict | None:
+def run_variant(variant: Variant, steps: int, log_file: Path, timeout_s: int) -> dict | None:
     cmd = ["./run_train.sh", *variant.args(steps)]
     print(f"== {variant.impl} {variant.case}: {' '.join(cmd)}", flush=True)
     start = time.monotonic()
@@ -97,7 +100,8 @@ def run_variant(variant: Variant, steps: int, log_dir: Path, timeout_s: int) -> 
             (err.stdout or b"").decode(errors="replace") + f"\nTIMEOUT after {timeout_s}s",
             False,
         )
-    (log_dir / f"{variant.impl}_{variant.case}.log").write_text(output)
+    with log_file.open("a") as log:
+        log.write(f"\n===== {variant.impl} {variant.case}\n{output}")
     metrics = [m.groupdict() for m in METRIC_LINE.finditer(output)]
     warm = [m for m in metrics if int(m["step"]) > steps // 2]
     if not ok or not warm:
@@ -117,20 +121,25 @@ def run_variant(variant: Variant, steps: int, log_dir: Path, timeout_s: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument(
+        "--only-equal-settings",
+        action="store_true",
+        help="only the mla_1b.toml settings (ours with Triton and with torch ops, and the anchor)",
+    )
     parser.add_argument("--timeout", type=int, default=240, help="seconds per variant")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument(
-        "--logs", type=Path, default=Path(os.environ.get("OUT", "/tmp")) / "bench_train_logs"
+        "--log", type=Path, default=Path(os.environ.get("OUT", "/tmp")) / "bench_train.log"
     )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_train.py needs CUDA GPUs")
-    args.logs.mkdir(parents=True, exist_ok=True)
+    args.log.write_text("")
 
     results: dict[tuple[str, str], dict] = {}
     rows: list[dict] = []
-    for variant in VARIANTS:
-        measured = run_variant(variant, args.steps, args.logs, args.timeout)
+    for variant in VARIANTS[:3] if args.only_equal_settings else VARIANTS:
+        measured = run_variant(variant, args.steps, args.log, args.timeout)
         if measured is None:
             continue
         results[(variant.impl, variant.case)] = measured
@@ -149,24 +158,25 @@ def main() -> None:
                 }
             )
 
-    def ratio(case: str, other_case: str | None = None, metric: str = "tps") -> float | None:
-        ours, theirs = (
-            results.get(("titan_mla", case)),
-            results.get(("torchtitan_deepseek_v3", other_case or case)),
-        )
-        return round(ours[metric] / theirs[metric], 4) if ours and theirs else None
+    def ratio(case: str, other_impl: str = "torchtitan_deepseek_v3") -> float | None:
+        ours, theirs = results.get(("titan_mla", case)), results.get((other_impl, case))
+        return round(ours["tps"] / theirs["tps"], 4) if ours and theirs else None
 
-    equal, best_bf16, fp8 = (v.case for v in VARIANTS[::2])
-    ours_bf16 = [results[k] for k in results if k[0] == "titan_mla" and k[1].endswith("bf16")]
+    equal, best_bf16, fp8 = VARIANTS[0].case, VARIANTS[3].case, VARIANTS[5].case
+    ours_bf16 = [
+        r for (impl, case), r in results.items() if impl == "titan_mla" and case.endswith("bf16")
+    ]
     summary = {
         "tps_ratio_vs_torchtitan_bf16": ratio(equal),
         "mfu_bf16": results.get(("titan_mla", equal), {}).get("mfu"),
         "tps_ratio_vs_torchtitan_bf16_best_settings": ratio(best_bf16),
         "mfu_bf16_best": max((r["mfu"] for r in ours_bf16), default=None),
         "tps_ratio_vs_torchtitan_float8": ratio(fp8),
+        "tps_ratio_triton_vs_torch": ratio(equal, other_impl="titan_mla_torch_ops"),
         "steps_per_variant": args.steps,
     }
     command = f"COMMIT=$(git rev-parse HEAD) python benchmarks/bench_train.py --steps {args.steps}"
+    command += " --only-equal-settings" if args.only_equal_settings else ""
     path = write_result("train", command, rows, summary, args.out, n_gpus=torch.cuda.device_count())
     print(path.with_suffix(".md").read_text())
 

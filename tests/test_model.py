@@ -104,8 +104,14 @@ def build(**overrides) -> MLATransformer:
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"q_lora_rank": 24}, {"tie_embeddings": True}, {"rope_factor": 4.0, "mscale": 0.7}],
-    ids=["wq", "q_lora", "tied", "yarn"],
+    [
+        {},
+        {"kernels": "torch"},
+        {"q_lora_rank": 24},
+        {"tie_embeddings": True},
+        {"rope_factor": 4.0, "mscale": 0.7},
+    ],
+    ids=["triton", "torch", "q_lora", "tied", "yarn"],
 )
 def test_forward_matches_float64_reference(overrides):
     torch.manual_seed(0)

@@ -3,37 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import re
-import subprocess
 from pathlib import Path
 
 import pytest
 from expecttest import assert_expected_inline
+from helpers import run_train
 
 from titan_mla.data import builtin_documents
 
-REPO = Path(__file__).resolve().parents[1]
-METRIC_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*([\d.]+)")
 pytestmark = pytest.mark.slow
-
-
-def run_train(
-    dump_folder: Path, *overrides: str, ngpu: int = 1
-) -> tuple[int, dict[int, float], str]:
-    """Run ./run_train.sh; returns (exit code, {step: loss} of rank 0, combined output)."""
-    cmd = [
-        str(REPO / "run_train.sh"),
-        f"--job.dump_folder={dump_folder}",
-        "--metrics.disable_color_printing",
-        *overrides,
-    ]
-    env = {**os.environ, "NGPU": str(ngpu), "LOG_RANK": "0"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    output = proc.stdout + proc.stderr
-    losses = {int(step): float(loss) for step, loss in METRIC_LINE.findall(output)}
-    return proc.returncode, losses, output
 
 
 def assert_trained(returncode: int, output: str) -> None:

@@ -42,6 +42,8 @@ def main() -> None:
     from torchtitan.train import Trainer
     from torchtitan.train import main as torchtitan_main
 
+    import titan_mla.tensorboard  # noqa: F401  (profiler traces TensorBoard's plugin reads, CPU profiling)
+
     try:
         check_job_config(ConfigManager().parse_args())
     except (ValueError, FileNotFoundError) as err:

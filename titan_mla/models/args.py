@@ -26,6 +26,8 @@ class MLAModelArgs(BaseModelArgs):
     ffn_hidden_dim: int = 8192
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
+    # "triton": RMSNorm and RoPE through titan_mla's custom ops; "torch": plain PyTorch ops.
+    kernels: str = "triton"
 
     # Multi-Head Latent Attention. q_lora_rank == 0 means one full-rank query projection.
     q_lora_rank: int = 0
@@ -72,6 +74,10 @@ class MLAModelArgs(BaseModelArgs):
                 f"rope_factor={self.rope_factor}); pick a flavor with YaRN (e.g. '1B_long')"
             )
         self.max_seq_len = seq_len
+        # job_config has model.kernels when titan_mla.config is its custom_config_module.
+        self.kernels = getattr(job_config.model, "kernels", self.kernels)
+        if self.kernels not in ("triton", "torch"):
+            raise ValueError(f"model.kernels must be 'triton' or 'torch', not '{self.kernels}'")
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
         """torchtitan's dense formula: 6 FLOPs per matmul weight per token, plus the attention matmuls

@@ -13,8 +13,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchtitan.models.utils import trunc_normal_
 from torchtitan.protocols.train_spec import ModelProtocol
 
+from ..ops import RMSNorm, mla_rope, mla_rope_reference
 from .args import MLAModelArgs
-from .rope import apply_rope, rope_cos_sin
+from .rope import rope_cos_sin
 
 # cuDNN takes MLA's unequal qk (192) / v (128) head dims on Hopper; FLASH refuses them and EFFICIENT
 # is ~9x slower but correct. MATH is left out on GPU so that a slow path is an error, never silent.
@@ -54,41 +55,37 @@ class MultiHeadLatentAttention(nn.Module):
             self.wq = nn.Linear(args.dim, self.n_heads * self.qk_head_dim, bias=False)
         else:
             self.wq_a = nn.Linear(args.dim, self.q_lora_rank, bias=False)
-            self.q_norm = nn.RMSNorm(self.q_lora_rank, eps=args.norm_eps)
+            self.q_norm = RMSNorm(self.q_lora_rank, args.norm_eps, args.kernels)
             self.wq_b = nn.Linear(self.q_lora_rank, self.n_heads * self.qk_head_dim, bias=False)
         # Down-projection to the cached latent c_kv and the shared rotary key k_pe.
         self.wkv_a = nn.Linear(args.dim, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
-        self.kv_norm = nn.RMSNorm(self.kv_lora_rank, eps=args.norm_eps)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, args.norm_eps, args.kernels)
         # Up-projection of the latent to per-head no-rope keys (W_UK) and values (W_UV).
         self.wkv_b = nn.Linear(
             self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
         self.wo = nn.Linear(self.n_heads * self.v_head_dim, args.dim, bias=False)
         self.sdpa = CausalSDPA()
+        # One fused rotation of every query head's rope slice and of the shared k_pe.
+        self.rotate = mla_rope if args.kernels == "triton" else mla_rope_reference
 
-    def project_q(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, seq, heads, qk_head_dim) queries, rope part not yet rotated."""
+    def project(
+        self, x: torch.Tensor, rope_cache: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries (batch, seq, heads, qk_head_dim), and what an inference cache holds per
+        token: the normalized latent c_kv (batch, seq, kv_lora_rank) and the rotated shared key
+        k_pe (batch, seq, qk_rope_head_dim)."""
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
         # -1 heads: tensor parallel may have sharded the heads.
-        return q.unflatten(-1, (-1, self.qk_head_dim))
-
-    def project_latent(
-        self, x: torch.Tensor, rope_cache: torch.Tensor, positions: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """What an inference cache holds per token: the normalized latent c_kv (batch, seq,
-        kv_lora_rank) and the rotated shared key k_pe (batch, seq, qk_rope_head_dim)."""
+        q = q.unflatten(-1, (-1, self.qk_head_dim))
         latent, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        k_pe = apply_rope(k_pe.unsqueeze(2), rope_cache, positions).squeeze(2)
-        return self.kv_norm(latent), k_pe
+        q, k_pe = self.rotate(q, k_pe, rope_cache, positions)
+        return q, self.kv_norm(latent), k_pe
 
     def forward(
         self, x: torch.Tensor, rope_cache: torch.Tensor, positions: torch.Tensor | None = None
     ) -> torch.Tensor:
-        q = self.project_q(x)
-        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q = torch.cat([q_nope, apply_rope(q_pe, rope_cache, positions)], dim=-1)
-
-        latent, k_pe = self.project_latent(x, rope_cache, positions)
+        q, latent, k_pe = self.project(x, rope_cache, positions)
         kv = self.wkv_b(latent).unflatten(-1, (-1, self.qk_nope_head_dim + self.v_head_dim))
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
@@ -128,9 +125,9 @@ class SwiGLU(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: MLAModelArgs):
         super().__init__()
-        self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps, args.kernels)
         self.attention = MultiHeadLatentAttention(args)
-        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, args.kernels)
         self.feed_forward = SwiGLU(args.dim, args.ffn_hidden_dim)
         # Depth-scaled init of the residual-branch outputs, as torchtitan's models do.
         self.out_init_std = 0.02 / (2 * (layer_id + 1)) ** 0.5
@@ -138,8 +135,10 @@ class TransformerBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, rope_cache: torch.Tensor, positions: torch.Tensor | None = None
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope_cache, positions)
-        return h + self.feed_forward(self.ffn_norm(h))
+        attention_out = self.attention(self.attention_norm(x), rope_cache, positions)
+        # Fused: h = x + attention_out and its norm, in one pass over h.
+        ffn_in, h = self.ffn_norm(attention_out, residual=x)
+        return h + self.feed_forward(ffn_in)
 
     def init_weights(self) -> None:
         self.attention_norm.reset_parameters()
@@ -157,7 +156,7 @@ class MLATransformer(ModelProtocol):
         self.layers = nn.ModuleDict(
             {str(i): TransformerBlock(i, args) for i in range(args.n_layers)}
         )
-        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.norm = RMSNorm(args.dim, args.norm_eps, args.kernels)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight

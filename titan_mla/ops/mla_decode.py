@@ -1,0 +1,915 @@
+"""Flash-decoding for Multi-Head Latent Attention (DeepSeek-V3, absorbed form) over a paged cache,
+as the Triton custom op ``torch.ops.titan_mla.mla_decode``.
+
+Absorbed decode never expands the cache to per-head keys and values. Per head h, the caller folds
+W_UK_h into the query (``q_latent_h = W_UK_h^T q_nope_h``) and applies W_UV_h to the result:
+
+    score_h(t) = (q_latent_h . latent(t) + q_pe_h . k_pe(t)) * softmax_scale
+    out_h      = sum_t softmax_t(score_h)(t) * latent(t)          (kv_lora_rank values per head)
+
+Signature (``mla_decode`` is the typed Python entry point)::
+
+    mla_decode(q_latent, q_pe, latent_cache, k_pe_cache, block_table, seq_lens, softmax_scale,
+               *, latent_scale=None, num_splits=None) -> out
+
+- ``q_latent`` (batch, q_len, heads, kv_lora_rank) and ``q_pe`` (batch, q_len, heads, rope_dim),
+  both bf16, fp16 or fp32. q_len is 1 for plain decoding, up to 4 for speculative decoding: query i
+  of a sequence sits at position ``seq_len - q_len + i`` and sees the positions up to its own.
+- ``latent_cache`` (num_pages, page_size, kv_lora_rank): the latent c_kv of every cached token, in
+  q's dtype, or float8_e4m3fn with ``latent_scale``. ``k_pe_cache`` (num_pages, page_size, rope_dim)
+  in q's dtype: the roped shared key. Any page and token strides, unit stride in the last dimension,
+  so an engine can keep both in one (num_pages, page_size, kv_lora_rank + rope_dim) pool (FlashMLA's
+  layout) and pass ``pool[..., :kv_lora_rank]`` and ``pool[..., kv_lora_rank:]``.
+- ``latent_scale`` float32 (num_pages, page_size, kv_lora_rank // group_size): the dequantization
+  scale of each group of ``group_size`` latent values of a float8 cache (``quantize_latent_fp8``
+  writes both); one group (last dimension 1) is a per-token scale. None for a bf16/fp32 cache.
+- ``block_table`` int32 (batch, max_pages_per_seq): page ids of each sequence, in order. Entries
+  past a sequence's last page are never read, so they may hold anything.
+- ``seq_lens`` int32 (batch,): tokens cached per sequence, the q_len new ones included. A length
+  of 0 (a padding entry of a CUDA-graph batch) gives zeros, as does any query that sees no token.
+- ``out`` (batch, q_len, heads, kv_lora_rank) in q_latent's dtype.
+
+Kernels: a split-KV attention kernel over the grid (head groups, batch, num_splits), then a combine
+kernel that merges the splits' partial outputs by their log-sum-exps (skipped when num_splits is 1).
+Each program serves BLOCK_H query rows (q_len x heads flattened, so speculative queries share the
+cache reads too): every latent row is loaded once per program and used twice, as the key of
+``q_latent @ latent^T`` and as the value of ``p @ latent``. Softmax and accumulation are float32.
+Launch shapes depend only on tensor shapes (num_splits is a Python int), so a call can be captured
+in a CUDA graph; splits past a sequence's end find no tokens and write an empty partial.
+
+Device branch as in titan_mla.ops.rmsnorm: CUDA runs the kernels, CPU the PyTorch reference, except
+eager calls on real CPU tensors under TRITON_INTERPRET=1, which run the kernels in the interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
+from triton.runtime.interpreter import InterpretedFunction
+
+FP8_E4M3_MAX = 448.0
+DEFAULT_FP8_GROUP_SIZE = 128
+MAX_Q_LEN = 4
+
+# Splits heuristic: aim at this many programs per SM, with at least this many tokens per split,
+# and keep the partial outputs' traffic (written and read back in fp32) at most this fraction of
+# the cache bytes read.
+_PROGRAMS_PER_SM = 4
+_MIN_TOKENS_PER_SPLIT = 256
+_MAX_PARTIAL_TRAFFIC = 0.1
+# Stands in for the SM count under the interpreter: few programs keep CPU tests fast.
+_INTERPRETER_SM_COUNT = 2
+# Splits the combine kernel merges per step.
+_COMBINE_BLOCK_SPLITS = 16
+
+
+@triton.jit
+def _dot(a, b, acc, FP32_DOTS: tl.constexpr):
+    """a @ b + acc. FP32_DOTS: exact fp32 products (no TF32) for fp32 inputs, and for 16-bit
+    inputs under Triton 3.6's interpreter, which multiplies bf16 bit patterns as integers; fp32
+    products of 16-bit values are exact, so this matches the GPU's tensor cores."""
+    if FP32_DOTS:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _load_tile(
+    tile_begin,
+    split_end,
+    block_table_row_ptr,
+    latent_cache_ptr,
+    k_pe_cache_ptr,
+    latent_scale_ptr,
+    latent_stride_page,
+    latent_stride_token,
+    k_pe_stride_page,
+    k_pe_stride_token,
+    scale_stride_page,
+    scale_stride_token,
+    PAGE_SIZE: tl.constexpr,
+    LATENT_DIM: tl.constexpr,
+    ROPE_DIM: tl.constexpr,
+    SCALE_GROUPS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Raw cache rows of the tokens [tile_begin, tile_begin + BLOCK_N) below split_end:
+    (latent (BLOCK_N, LATENT_DIM), scales (BLOCK_N, SCALE_GROUPS or 1), k_pe (BLOCK_N, ROPE_DIM)),
+    zeros past split_end. Nothing past split_end is read: unused pages may hold NaN and table
+    entries past a sequence's pages may be garbage ids."""
+    positions = tile_begin + tl.arange(0, BLOCK_N)
+    in_split = positions < split_end
+    if PAGE_SIZE % BLOCK_N == 0:
+        # Tiles start at multiples of BLOCK_N, so a tile lies in one page: one table entry.
+        page = tl.load(block_table_row_ptr + tile_begin // PAGE_SIZE, mask=tile_begin < split_end)
+        pages = page.to(tl.int64)
+    else:
+        pages = tl.load(block_table_row_ptr + positions // PAGE_SIZE, mask=in_split, other=0)
+        pages = pages.to(tl.int64)
+    slots = positions % PAGE_SIZE
+
+    latent_rows = latent_cache_ptr + pages * latent_stride_page + slots * latent_stride_token
+    latent = tl.load(
+        latent_rows[:, None] + tl.arange(0, LATENT_DIM)[None, :], mask=in_split[:, None], other=0.0
+    )
+    k_pe_rows = k_pe_cache_ptr + pages * k_pe_stride_page + slots * k_pe_stride_token
+    k_pe = tl.load(
+        k_pe_rows[:, None] + tl.arange(0, ROPE_DIM)[None, :], mask=in_split[:, None], other=0.0
+    )
+    if SCALE_GROUPS > 0:
+        scale_rows = latent_scale_ptr + pages * scale_stride_page + slots * scale_stride_token
+        scales = tl.load(
+            scale_rows[:, None] + tl.arange(0, SCALE_GROUPS)[None, :],
+            mask=in_split[:, None],
+            other=0.0,
+        )
+    else:
+        scales = tl.zeros((BLOCK_N, 1), tl.float32)
+    return latent, scales, k_pe
+
+
+@triton.jit
+def _attend_tile(
+    tile_begin,
+    split_end,
+    row_limit,
+    q_latent,
+    q_pe,
+    latent,
+    scales,
+    k_pe,
+    max_score,
+    denominator,
+    acc,
+    softmax_scale_log2,
+    LATENT_DIM: tl.constexpr,
+    SCALE_GROUPS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    FP32_DOTS: tl.constexpr,
+):
+    """Online-softmax update of (max_score, denominator, acc) with the tile of _load_tile at
+    tile_begin; scores in base 2."""
+    if SCALE_GROUPS > 0:
+        grouped = tl.reshape(
+            latent.to(tl.float32), (BLOCK_N, SCALE_GROUPS, LATENT_DIM // SCALE_GROUPS)
+        )
+        latent = tl.reshape(grouped * scales[:, :, None], (BLOCK_N, LATENT_DIM))
+    latent = latent.to(q_latent.dtype)
+
+    scores = tl.zeros((q_latent.shape[0], BLOCK_N), tl.float32)
+    scores = _dot(q_latent, tl.trans(latent), scores, FP32_DOTS)
+    scores = _dot(q_pe, tl.trans(k_pe.to(q_pe.dtype)), scores, FP32_DOTS)
+    positions = tile_begin + tl.arange(0, BLOCK_N)
+    visible = (positions[None, :] <= row_limit[:, None]) & (positions < split_end)[None, :]
+    scores = tl.where(visible, scores * softmax_scale_log2, -float("inf"))
+
+    # max_score starts finite, so rows that see nothing yet keep alpha = 1 and p = 0 (no NaN).
+    new_max = tl.maximum(max_score, tl.max(scores, axis=1))
+    alpha = tl.exp2(max_score - new_max)
+    p = tl.exp2(scores - new_max[:, None])
+    denominator = denominator * alpha + tl.sum(p, axis=1)
+    acc = _dot(p.to(latent.dtype), latent, acc * alpha[:, None], FP32_DOTS)
+    return new_max, denominator, acc
+
+
+@triton.jit
+def _decode_step(
+    tile_begin,
+    split_end,
+    row_limit,
+    q_latent,
+    q_pe,
+    latent,
+    scales,
+    k_pe,
+    max_score,
+    denominator,
+    acc,
+    softmax_scale_log2,
+    block_table_row_ptr,
+    latent_cache_ptr,
+    k_pe_cache_ptr,
+    latent_scale_ptr,
+    latent_stride_page,
+    latent_stride_token,
+    k_pe_stride_page,
+    k_pe_stride_token,
+    scale_stride_page,
+    scale_stride_token,
+    PAGE_SIZE: tl.constexpr,
+    LATENT_DIM: tl.constexpr,
+    ROPE_DIM: tl.constexpr,
+    SCALE_GROUPS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    FP32_DOTS: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """One loop iteration over the tile at tile_begin; (latent, scales, k_pe) carry a prefetched
+    tile between iterations.
+
+    PREFETCH: issue the loads of the next tile, then attend to the current one, loaded by the
+    previous iteration, so that the loads' latency overlaps this tile's math. Triton's software
+    pipeliner (num_stages) does not take loads that feed a dot through a conversion (the fp8
+    cache), and behind the page-table load it double-buffers only from num_stages = 5. Without
+    PREFETCH, the tile is loaded here and the pipeliner may stage it (the carried tile is unused).
+    """
+    if PREFETCH:
+        current_latent, current_scales, current_k_pe = latent, scales, k_pe
+        load_begin = tile_begin + BLOCK_N
+    else:
+        load_begin = tile_begin
+    latent, scales, k_pe = _load_tile(
+        load_begin,
+        split_end,
+        block_table_row_ptr,
+        latent_cache_ptr,
+        k_pe_cache_ptr,
+        latent_scale_ptr,
+        latent_stride_page,
+        latent_stride_token,
+        k_pe_stride_page,
+        k_pe_stride_token,
+        scale_stride_page,
+        scale_stride_token,
+        PAGE_SIZE,
+        LATENT_DIM,
+        ROPE_DIM,
+        SCALE_GROUPS,
+        BLOCK_N,
+    )
+    if not PREFETCH:
+        current_latent, current_scales, current_k_pe = latent, scales, k_pe
+    max_score, denominator, acc = _attend_tile(
+        tile_begin,
+        split_end,
+        row_limit,
+        q_latent,
+        q_pe,
+        current_latent,
+        current_scales,
+        current_k_pe,
+        max_score,
+        denominator,
+        acc,
+        softmax_scale_log2,
+        LATENT_DIM,
+        SCALE_GROUPS,
+        BLOCK_N,
+        FP32_DOTS,
+    )
+    return max_score, denominator, acc, latent, scales, k_pe
+
+
+@triton.jit
+def _mla_decode_split_kernel(
+    q_latent_ptr,
+    q_pe_ptr,
+    latent_cache_ptr,
+    k_pe_cache_ptr,
+    latent_scale_ptr,
+    block_table_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    partial_out_ptr,
+    partial_lse_ptr,
+    softmax_scale_log2,
+    q_len,
+    n_heads,
+    q_latent_stride_batch,
+    q_latent_stride_seq,
+    q_latent_stride_head,
+    q_pe_stride_batch,
+    q_pe_stride_seq,
+    q_pe_stride_head,
+    latent_stride_page,
+    latent_stride_token,
+    k_pe_stride_page,
+    k_pe_stride_token,
+    scale_stride_page,
+    scale_stride_token,
+    block_table_stride_batch,
+    SINGLE_SPLIT: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    LATENT_DIM: tl.constexpr,
+    ROPE_DIM: tl.constexpr,
+    SCALE_GROUPS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    FP32_DOTS: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    USE_FOR_LOOP: tl.constexpr,
+):
+    # Head groups vary fastest, so programs sharing (sequence, split) run together and the
+    # groups after the first mostly read the cache from L2.
+    head_group = tl.program_id(0)
+    batch = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+    n_rows = q_len * n_heads
+
+    rows = head_group * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_mask = rows < n_rows
+    query = rows // n_heads
+    head = rows % n_heads
+    seq_len = tl.load(seq_lens_ptr + batch)
+    # Causal among the new tokens: query i sees positions <= seq_len - q_len + i.
+    row_limit = seq_len - q_len + query
+
+    # Each split takes a share of its own sequence, in whole tiles.
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    split_begin = split * tokens_per_split
+    split_end = tl.minimum(split_begin + tokens_per_split, seq_len)
+
+    batch64 = batch.to(tl.int64)
+    latent_cols = tl.arange(0, LATENT_DIM)
+    rope_cols = tl.arange(0, ROPE_DIM)
+    q_latent = tl.load(
+        q_latent_ptr
+        + batch64 * q_latent_stride_batch
+        + (query * q_latent_stride_seq + head * q_latent_stride_head)[:, None]
+        + latent_cols[None, :],
+        mask=row_mask[:, None],
+        other=0.0,
+    )
+    q_pe = tl.load(
+        q_pe_ptr
+        + batch64 * q_pe_stride_batch
+        + (query * q_pe_stride_seq + head * q_pe_stride_head)[:, None]
+        + rope_cols[None, :],
+        mask=row_mask[:, None],
+        other=0.0,
+    )
+
+    max_score = tl.full((BLOCK_H,), -1.0e30, tl.float32)
+    denominator = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, LATENT_DIM), tl.float32)
+    block_table_row_ptr = block_table_ptr + batch64 * block_table_stride_batch
+    latent, scales, k_pe = _load_tile(
+        split_begin,
+        split_end,
+        block_table_row_ptr,
+        latent_cache_ptr,
+        k_pe_cache_ptr,
+        latent_scale_ptr,
+        latent_stride_page,
+        latent_stride_token,
+        k_pe_stride_page,
+        k_pe_stride_token,
+        scale_stride_page,
+        scale_stride_token,
+        PAGE_SIZE,
+        LATENT_DIM,
+        ROPE_DIM,
+        SCALE_GROUPS,
+        BLOCK_N,
+    )
+    # A for loop on the GPU, where Triton software-pipelines for loops only; a while loop in the
+    # interpreter, which cannot run range() over runtime bounds with numpy >= 2.4.
+    if USE_FOR_LOOP:
+        for tile_begin in range(split_begin, split_end, BLOCK_N):
+            max_score, denominator, acc, latent, scales, k_pe = _decode_step(
+                tile_begin,
+                split_end,
+                row_limit,
+                q_latent,
+                q_pe,
+                latent,
+                scales,
+                k_pe,
+                max_score,
+                denominator,
+                acc,
+                softmax_scale_log2,
+                block_table_row_ptr,
+                latent_cache_ptr,
+                k_pe_cache_ptr,
+                latent_scale_ptr,
+                latent_stride_page,
+                latent_stride_token,
+                k_pe_stride_page,
+                k_pe_stride_token,
+                scale_stride_page,
+                scale_stride_token,
+                PAGE_SIZE,
+                LATENT_DIM,
+                ROPE_DIM,
+                SCALE_GROUPS,
+                BLOCK_N,
+                FP32_DOTS,
+                PREFETCH,
+            )
+    else:
+        tile_begin = split_begin
+        while tile_begin < split_end:
+            max_score, denominator, acc, latent, scales, k_pe = _decode_step(
+                tile_begin,
+                split_end,
+                row_limit,
+                q_latent,
+                q_pe,
+                latent,
+                scales,
+                k_pe,
+                max_score,
+                denominator,
+                acc,
+                softmax_scale_log2,
+                block_table_row_ptr,
+                latent_cache_ptr,
+                k_pe_cache_ptr,
+                latent_scale_ptr,
+                latent_stride_page,
+                latent_stride_token,
+                k_pe_stride_page,
+                k_pe_stride_token,
+                scale_stride_page,
+                scale_stride_token,
+                PAGE_SIZE,
+                LATENT_DIM,
+                ROPE_DIM,
+                SCALE_GROUPS,
+                BLOCK_N,
+                FP32_DOTS,
+                PREFETCH,
+            )
+            tile_begin += BLOCK_N
+
+    # A row that saw no token has denominator 0: output 0 and lse -inf (log2(0)).
+    has_tokens = denominator > 0.0
+    out = acc / tl.where(has_tokens, denominator, 1.0)[:, None]
+    out_rows = batch64 * n_rows + rows
+    if SINGLE_SPLIT:
+        tl.store(
+            out_ptr + out_rows[:, None] * LATENT_DIM + latent_cols[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_mask[:, None],
+        )
+    else:
+        partial_rows = out_rows * num_splits + split
+        lse = tl.where(
+            has_tokens, max_score + tl.log2(tl.where(has_tokens, denominator, 1.0)), -float("inf")
+        )
+        tl.store(partial_lse_ptr + partial_rows, lse, mask=row_mask)
+        tl.store(
+            partial_out_ptr + partial_rows[:, None] * LATENT_DIM + latent_cols[None, :],
+            out,
+            mask=row_mask[:, None],
+        )
+
+
+@triton.jit
+def _mla_decode_combine_kernel(
+    partial_out_ptr,
+    partial_lse_ptr,
+    out_ptr,
+    NUM_SPLITS: tl.constexpr,
+    LATENT_DIM: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+):
+    # One program per (sequence, query row): out = sum_s 2^(lse_s - lse) * out_s, lse = log2-sum.
+    row = tl.program_id(0).to(tl.int64)
+    latent_cols = tl.arange(0, LATENT_DIM)
+    max_lse = tl.full((), -float("inf"), tl.float32)
+    weight_sum = tl.zeros((), tl.float32)
+    acc = tl.zeros((LATENT_DIM,), tl.float32)
+    for chunk_begin in range(0, NUM_SPLITS, BLOCK_SPLITS):
+        splits = chunk_begin + tl.arange(0, BLOCK_SPLITS)
+        lse = tl.load(
+            partial_lse_ptr + row * NUM_SPLITS + splits,
+            mask=splits < NUM_SPLITS,
+            other=-float("inf"),
+        )
+        new_max = tl.maximum(max_lse, tl.max(lse, axis=0))
+        # Empty splits have lse -inf: a finite reference keeps their weight 0 and avoids inf - inf.
+        reference = tl.where(new_max == -float("inf"), 0.0, new_max)
+        alpha = tl.exp2(max_lse - reference)
+        weights = tl.exp2(lse - reference)
+        # Empty splits wrote zeros: not worth reading.
+        partial = tl.load(
+            partial_out_ptr
+            + (row * NUM_SPLITS + splits)[:, None] * LATENT_DIM
+            + latent_cols[None, :],
+            mask=(lse > -float("inf"))[:, None],
+            other=0.0,
+        )
+        acc = acc * alpha + tl.sum(weights[:, None] * partial, axis=0)
+        weight_sum = weight_sum * alpha + tl.sum(weights, axis=0)
+        max_lse = new_max
+    out = acc / tl.where(weight_sum > 0.0, weight_sum, 1.0)
+    tl.store(out_ptr + row * LATENT_DIM + latent_cols, out.to(out_ptr.dtype.element_ty))
+
+
+# Whether the kernels were decorated under TRITON_INTERPRET=1 and so run on CPU tensors. Tests set
+# it to False to check the CPU reference branch.
+KERNELS_INTERPRETED = isinstance(_mla_decode_split_kernel, InterpretedFunction)
+
+
+def runs_triton(x: Tensor) -> bool:
+    """Whether the op body given ``x`` launches the Triton kernels (else: the PyTorch reference).
+
+    CUDA tensors always do. CPU tensors do only when KERNELS_INTERPRETED and the call is eager on
+    real data: fake or functional tensors (torch.compile, opcheck) have no storage to interpret.
+    """
+    if x.device.type == "cuda":
+        return True
+    return (
+        x.device.type == "cpu"
+        and KERNELS_INTERPRETED
+        and not torch.compiler.is_compiling()
+        and not isinstance(x, (FakeTensor, FunctionalTensor))
+    )
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of the split kernel (the tunables).
+
+    block_h: query rows (q_len x heads) per program, a power of 2 >= 16 (tl.dot's minimum M).
+    block_n: tokens per tile, a power of 2 >= 16; when it divides the page size a tile reads one
+    page-table entry. prefetch: load the next tile into registers while attending to the current
+    one (see _decode_step), else leave the loads to Triton's pipeliner. num_warps, num_stages: as
+    in any Triton launch.
+    """
+
+    block_h: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    prefetch: bool
+
+
+def default_config(n_rows: int, q_dtype: torch.dtype, fp8_cache: bool) -> DecodeConfig:
+    """Heuristic launch parameters for ``n_rows`` = q_len x heads query rows.
+
+    All rows of a sequence in one program when there are at most 64, so the cache is read once per
+    split; past 64, groups of 64 rows (128 heads: two programs per split, the second one mostly
+    reading from L2). Register and shared-memory budgets were checked by compiling for sm_90
+    (ptxas, no spills): a bf16 cache takes the pipeliner's cp.async double buffer (num_stages 5,
+    because the page-table load takes stages of its own); an fp8 cache, whose loads the pipeliner
+    does not take, prefetches in registers, except at 64 rows, where that would spill. fp32 (for
+    tests) takes small tiles that fit shared memory.
+    """
+    block_h = min(64, max(16, triton.next_power_of_2(n_rows)))
+    if q_dtype == torch.float32:
+        return DecodeConfig(block_h, block_n=16, num_warps=8, num_stages=2, prefetch=False)
+    if not fp8_cache:
+        return DecodeConfig(block_h, block_n=32, num_warps=8, num_stages=5, prefetch=False)
+    if block_h < 64:
+        return DecodeConfig(block_h, block_n=32, num_warps=8, num_stages=1, prefetch=True)
+    return DecodeConfig(block_h, block_n=32, num_warps=8, num_stages=2, prefetch=False)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_num_splits(
+    batch: int,
+    n_rows: int,
+    max_context: int,
+    latent_dim: int,
+    cache_bytes_per_token: int,
+    block_h: int,
+    sm_count: int,
+) -> int:
+    """Splits per sequence from static shapes only (so the grid is fixed for CUDA graphs).
+
+    Enough programs for ``_PROGRAMS_PER_SM`` per SM (latency hiding and balance across sequences
+    of different lengths), unless the fp32 partial outputs would cost more than
+    ``_MAX_PARTIAL_TRAFFIC`` of the cache bytes; never fewer than one wave of programs, never
+    fewer than ``_MIN_TOKENS_PER_SPLIT`` tokens of the longest context per split.
+    """
+    programs = batch * triton.cdiv(n_rows, block_h)
+    splits = triton.cdiv(_PROGRAMS_PER_SM * sm_count, programs)
+    partial_bytes_per_split = 2 * n_rows * latent_dim * 4
+    cache_bytes = max_context * cache_bytes_per_token
+    splits = min(splits, int(_MAX_PARTIAL_TRAFFIC * cache_bytes / partial_bytes_per_split))
+    splits = max(splits, triton.cdiv(sm_count, programs))
+    return max(1, min(splits, max_context // _MIN_TOKENS_PER_SPLIT))
+
+
+def _check_inputs(
+    q_latent: Tensor,
+    q_pe: Tensor,
+    latent_cache: Tensor,
+    k_pe_cache: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    latent_scale: Tensor | None,
+) -> None:
+    if q_latent.dim() != 4 or q_pe.dim() != 4 or q_latent.shape[:3] != q_pe.shape[:3]:
+        raise ValueError(
+            f"q_latent {tuple(q_latent.shape)} and q_pe {tuple(q_pe.shape)} must be "
+            "(batch, q_len, heads, dim) with equal leading dimensions"
+        )
+    batch, q_len, _, latent_dim = q_latent.shape
+    rope_dim = q_pe.shape[-1]
+    if not 1 <= q_len <= MAX_Q_LEN:
+        raise ValueError(f"q_len {q_len} not in 1..{MAX_Q_LEN}")
+    if q_latent.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"q_latent dtype {q_latent.dtype} is not bf16, fp16 or fp32")
+    if q_pe.dtype != q_latent.dtype:
+        raise ValueError(f"q_pe dtype {q_pe.dtype} != q_latent dtype {q_latent.dtype}")
+    for name, size in (("kv_lora_rank", latent_dim), ("rope_dim", rope_dim)):
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"{name} {size} must be a power of 2 >= 16")
+    if latent_cache.dim() != 3 or latent_cache.shape[-1] != latent_dim:
+        raise ValueError(
+            f"latent_cache {tuple(latent_cache.shape)} is not (num_pages, page_size, {latent_dim})"
+        )
+    if k_pe_cache.shape != (*latent_cache.shape[:2], rope_dim):
+        raise ValueError(
+            f"k_pe_cache {tuple(k_pe_cache.shape)} is not "
+            f"{(*latent_cache.shape[:2], rope_dim)} (latent_cache's pages)"
+        )
+    if k_pe_cache.dtype != q_latent.dtype:
+        raise ValueError(f"k_pe_cache dtype {k_pe_cache.dtype} != q dtype {q_latent.dtype}")
+    if latent_cache.stride(-1) != 1 or k_pe_cache.stride(-1) != 1:
+        raise ValueError("latent_cache and k_pe_cache need unit stride in their last dimension")
+    if latent_cache.dtype == torch.float8_e4m3fn:
+        if latent_scale is None:
+            raise ValueError("a float8_e4m3fn latent_cache needs latent_scale")
+        groups = latent_scale.shape[-1] if latent_scale.dim() == 3 else 0
+        if (
+            latent_scale.shape[:2] != latent_cache.shape[:2]
+            or groups < 1
+            or latent_dim % groups
+            or groups & (groups - 1)
+            or latent_scale.dtype != torch.float32
+        ):
+            raise ValueError(
+                f"latent_scale {tuple(latent_scale.shape)} {latent_scale.dtype} is not float32 "
+                f"(num_pages, page_size, groups) with a power-of-2 number of groups of {latent_dim}"
+            )
+        if latent_scale.stride(-1) != 1:
+            raise ValueError("latent_scale needs unit stride in its last dimension")
+    elif latent_cache.dtype != q_latent.dtype:
+        raise ValueError(
+            f"latent_cache dtype {latent_cache.dtype} is neither q's {q_latent.dtype} nor "
+            "float8_e4m3fn"
+        )
+    elif latent_scale is not None:
+        raise ValueError("latent_scale is only for a float8_e4m3fn latent_cache")
+    if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.dtype != torch.int32:
+        raise ValueError(f"block_table {tuple(block_table.shape)} is not int32 ({batch}, pages)")
+    if seq_lens.shape != (batch,) or seq_lens.dtype != torch.int32:
+        raise ValueError(f"seq_lens {tuple(seq_lens.shape)} is not int32 ({batch},)")
+
+
+def mla_decode_triton(
+    q_latent: Tensor,
+    q_pe: Tensor,
+    latent_cache: Tensor,
+    k_pe_cache: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    softmax_scale: float,
+    latent_scale: Tensor | None = None,
+    num_splits: int | None = None,
+    config: DecodeConfig | None = None,
+) -> Tensor:
+    """Launch the kernels (the op body's Triton branch); ``config`` overrides the heuristic, for
+    tuning. Arguments as in the module docstring."""
+    # Constexprs and the split heuristic take Python ints: symbolic sizes (torch.compile with
+    # dynamic shapes) are specialized here, as CUDA-graph decoding does anyway.
+    batch, q_len, n_heads, latent_dim = (int(size) for size in q_latent.shape)
+    rope_dim, page_size = int(q_pe.shape[-1]), int(latent_cache.shape[1])
+    n_rows = q_len * n_heads
+    fp8_cache = latent_scale is not None
+    scale_groups = int(latent_scale.shape[-1]) if fp8_cache else 0
+    if config is None:
+        config = default_config(n_rows, q_latent.dtype, fp8_cache)
+    if num_splits is None:
+        latent_bytes = latent_dim * latent_cache.element_size() + 4 * scale_groups
+        sm_count = (
+            _sm_count(q_latent.device.index)
+            if q_latent.device.type == "cuda"
+            else _INTERPRETER_SM_COUNT
+        )
+        num_splits = default_num_splits(
+            batch,
+            n_rows,
+            int(block_table.shape[1]) * page_size,
+            latent_dim,
+            latent_bytes + rope_dim * k_pe_cache.element_size(),
+            config.block_h,
+            sm_count,
+        )
+    if num_splits < 1:
+        raise ValueError(f"num_splits {num_splits} < 1")
+
+    if q_latent.stride(-1) != 1:
+        q_latent = q_latent.contiguous()
+    if q_pe.stride(-1) != 1:
+        q_pe = q_pe.contiguous()
+    if block_table.stride(-1) != 1:
+        block_table = block_table.contiguous()
+    seq_lens = seq_lens.contiguous()
+    # A placeholder pointer when the cache is not fp8 (SCALE_GROUPS = 0: never read).
+    scale = latent_scale if fp8_cache else latent_cache
+
+    out = torch.empty(q_latent.shape, dtype=q_latent.dtype, device=q_latent.device)
+    if num_splits == 1:
+        partial_out = partial_lse = out  # unused: the split kernel writes out directly
+    else:
+        partial_out = torch.empty(
+            (batch, n_rows, num_splits, latent_dim), dtype=torch.float32, device=q_latent.device
+        )
+        partial_lse = torch.empty(
+            (batch, n_rows, num_splits), dtype=torch.float32, device=q_latent.device
+        )
+    grid = (triton.cdiv(n_rows, config.block_h), batch, num_splits)
+    torch.library.wrap_triton(_mla_decode_split_kernel)[grid](
+        q_latent,
+        q_pe,
+        latent_cache,
+        k_pe_cache,
+        scale,
+        block_table,
+        seq_lens,
+        out,
+        partial_out,
+        partial_lse,
+        softmax_scale * math.log2(math.e),
+        q_len,
+        n_heads,
+        q_latent.stride(0),
+        q_latent.stride(1),
+        q_latent.stride(2),
+        q_pe.stride(0),
+        q_pe.stride(1),
+        q_pe.stride(2),
+        latent_cache.stride(0),
+        latent_cache.stride(1),
+        k_pe_cache.stride(0),
+        k_pe_cache.stride(1),
+        scale.stride(0),
+        scale.stride(1),
+        block_table.stride(0),
+        SINGLE_SPLIT=num_splits == 1,
+        PAGE_SIZE=page_size,
+        LATENT_DIM=latent_dim,
+        ROPE_DIM=rope_dim,
+        SCALE_GROUPS=scale_groups,
+        BLOCK_H=config.block_h,
+        BLOCK_N=config.block_n,
+        FP32_DOTS=q_latent.dtype == torch.float32 or q_latent.device.type == "cpu",
+        PREFETCH=config.prefetch,
+        USE_FOR_LOOP=q_latent.device.type == "cuda",
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if num_splits > 1:
+        torch.library.wrap_triton(_mla_decode_combine_kernel)[(batch * n_rows,)](
+            partial_out,
+            partial_lse,
+            out,
+            NUM_SPLITS=num_splits,
+            LATENT_DIM=latent_dim,
+            BLOCK_SPLITS=min(_COMBINE_BLOCK_SPLITS, triton.next_power_of_2(num_splits)),
+            num_warps=4,
+        )
+    return out
+
+
+def quantize_latent_fp8(
+    latent: Tensor, group_size: int = DEFAULT_FP8_GROUP_SIZE
+) -> tuple[Tensor, Tensor]:
+    """(float8_e4m3fn latent, float32 scales) for a float8 cache: each group of ``group_size``
+    consecutive values of the last dimension is divided by its absmax / 448. Scales have shape
+    (..., kv_lora_rank // group_size); group_size = kv_lora_rank gives one scale per token."""
+    latent_dim = latent.shape[-1]
+    if latent_dim % group_size:
+        raise ValueError(f"kv_lora_rank {latent_dim} is not a multiple of group_size {group_size}")
+    groups = latent.float().unflatten(-1, (latent_dim // group_size, group_size))
+    # An all-zero group gets scale 1 rather than 0: quantization never divides by zero.
+    absmax = groups.abs().amax(dim=-1, keepdim=True)
+    scales = torch.where(absmax > 0, absmax / FP8_E4M3_MAX, torch.ones_like(absmax))
+    quantized = (groups / scales).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return quantized.flatten(-2), scales.squeeze(-1)
+
+
+def dequantize_latent_fp8(latent: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """The inverse of ``quantize_latent_fp8``, in ``dtype``."""
+    groups = latent.to(dtype).unflatten(-1, (scales.shape[-1], -1))
+    return (groups * scales.to(dtype).unsqueeze(-1)).flatten(-2)
+
+
+def mla_decode_reference(
+    q_latent: Tensor,
+    q_pe: Tensor,
+    latent_cache: Tensor,
+    k_pe_cache: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    softmax_scale: float,
+    latent_scale: Tensor | None = None,
+) -> Tensor:
+    """PyTorch absorbed MLA decode with the op's semantics (the CPU branch): gathers each
+    sequence's pages, dequantizes a float8 cache, masked softmax in float32 (float64 for float64
+    queries). Memory: the gathered cache of batch x max_pages x page_size tokens in that dtype."""
+    dtype = torch.promote_types(q_latent.dtype, torch.float32)
+    batch, q_len, _, latent_dim = q_latent.shape
+    max_pages = block_table.shape[1]
+    page_size = latent_cache.shape[1]
+    seq_lens = seq_lens.long()
+
+    # Page ids past a sequence's last page may be garbage: read page 0 there, then drop it.
+    pages_used = (seq_lens + page_size - 1) // page_size
+    page_in_use = torch.arange(max_pages, device=seq_lens.device) < pages_used[:, None]
+    pages = torch.where(page_in_use, block_table.long(), 0)
+    if latent_scale is None:
+        latent = latent_cache[pages].to(dtype)
+    else:
+        latent = dequantize_latent_fp8(latent_cache[pages], latent_scale[pages], dtype)
+    latent = latent.reshape(batch, max_pages * page_size, latent_dim)
+    k_pe = k_pe_cache[pages].to(dtype).reshape(batch, max_pages * page_size, -1)
+
+    positions = torch.arange(max_pages * page_size, device=seq_lens.device)
+    in_sequence = (positions < seq_lens[:, None]).unsqueeze(-1)
+    # torch.where, not a product: unused pages may hold NaN.
+    latent = torch.where(in_sequence, latent, 0.0)
+    k_pe = torch.where(in_sequence, k_pe, 0.0)
+
+    scores = torch.einsum("bqhr,btr->bqht", q_latent.to(dtype), latent)
+    scores = scores + torch.einsum("bqhe,bte->bqht", q_pe.to(dtype), k_pe)
+    query_positions = seq_lens[:, None] - q_len + torch.arange(q_len, device=seq_lens.device)
+    visible = positions[None, None, :] <= query_positions[:, :, None]  # (batch, q_len, tokens)
+    scores = torch.where(visible[:, :, None, :], scores * softmax_scale, -math.inf)
+
+    # A query that sees no token (seq_len 0) gets zeros, not NaN.
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(row_max == -math.inf, 0.0, row_max)
+    weights = torch.exp(scores - row_max)
+    denominator = weights.sum(dim=-1, keepdim=True)
+    weights = weights / torch.where(denominator > 0, denominator, 1.0)
+    out = torch.einsum("bqht,btr->bqhr", weights, latent)
+    return out.to(q_latent.dtype)
+
+
+@torch.library.triton_op("titan_mla::mla_decode", mutates_args=())
+def _mla_decode_op(
+    q_latent: Tensor,
+    q_pe: Tensor,
+    latent_cache: Tensor,
+    k_pe_cache: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    softmax_scale: float,
+    latent_scale: Tensor | None = None,
+    num_splits: int | None = None,
+) -> Tensor:
+    """Absorbed MLA decode over a paged cache; see the module docstring."""
+    _check_inputs(q_latent, q_pe, latent_cache, k_pe_cache, block_table, seq_lens, latent_scale)
+    if runs_triton(q_latent):
+        return mla_decode_triton(
+            q_latent,
+            q_pe,
+            latent_cache,
+            k_pe_cache,
+            block_table,
+            seq_lens,
+            softmax_scale,
+            latent_scale,
+            num_splits,
+        )
+    return mla_decode_reference(
+        q_latent, q_pe, latent_cache, k_pe_cache, block_table, seq_lens, softmax_scale, latent_scale
+    )
+
+
+def mla_decode(
+    q_latent: Tensor,
+    q_pe: Tensor,
+    latent_cache: Tensor,
+    k_pe_cache: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    softmax_scale: float,
+    *,
+    latent_scale: Tensor | None = None,
+    num_splits: int | None = None,
+) -> Tensor:
+    """Absorbed MLA decode: (batch, q_len, heads, kv_lora_rank) latent outputs, to be multiplied by
+    W_UV per head. Layouts and semantics in the module docstring; ``num_splits`` (a Python int,
+    static for CUDA graphs) overrides the split-KV heuristic, which uses static shapes only."""
+    return torch.ops.titan_mla.mla_decode(
+        q_latent,
+        q_pe,
+        latent_cache,
+        k_pe_cache,
+        block_table,
+        seq_lens,
+        softmax_scale,
+        latent_scale,
+        num_splits,
+    )
