@@ -515,7 +515,8 @@ def to_cuda(case: DecodeCase) -> DecodeCase:
 @pytest.mark.parametrize("dims", GPU_DIMS, ids=lambda d: f"h{d.heads}")
 @pytest.mark.parametrize("q_len", [1, 2])
 def test_cuda_1b_shapes(dims, q_len):
-    seq_lens = [1, 64, 1000, 2049, 513, 2]
+    # A sequence holds at least its q_len new tokens.
+    seq_lens = [max(n, q_len) for n in (1, 64, 1000, 2049, 513, 2)]
     case = to_cuda(
         make_case(seed=15, seq_lens=seq_lens, q_len=q_len, dims=dims, dtype=torch.bfloat16)
     )
