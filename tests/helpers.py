@@ -30,3 +30,26 @@ def run_train(
     output = proc.stdout + proc.stderr
     losses = {int(step): float(loss) for step, loss in METRIC_LINE.findall(output)}
     return proc.returncode, losses, output
+
+
+def assert_compiled_matches_eager(
+    fn, inputs: list, constants: tuple, grad, backend: str, dynamic: bool | None
+) -> None:
+    """torch.compile(fn, fullgraph=True) has no graph break, and its output and the gradients of
+    ``inputs`` equal eager's; ``constants`` are further arguments that take no gradient."""
+    import torch
+
+    eager_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    compiled_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=dynamic)
+    compiled_out = compiled(*compiled_inputs, *constants)
+    compiled_out.backward(grad)
+    eager_out = fn(*eager_inputs, *constants)
+    eager_out.backward(grad)
+
+    assert not torch._dynamo.utils.counters["graph_break"]
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-5)
+    for compiled_input, eager_input in zip(compiled_inputs, eager_inputs, strict=True):
+        torch.testing.assert_close(compiled_input.grad, eager_input.grad, rtol=1e-5, atol=1e-5)

@@ -23,11 +23,11 @@ import torch.distributed.checkpoint as dcp
 from expecttest import assert_expected_inline
 from helpers import REPO, run_train
 
-import titan_mla.ops.mla_decode as mla_decode_op
 from titan_mla import generate
 from titan_mla.inference import CacheFullError, MLAEngine, PagedLatentCache
 from titan_mla.inference.generator import Generator, sample
 from titan_mla.models import MLATransformer, mla_flavors
+from titan_mla.ops import dispatch
 
 DEBUG_CONFIG = REPO / "train_configs" / "debug_model.toml"
 # Norms and rotations in PyTorch: under the interpreter the model's Triton ones take ~10x longer on
@@ -59,7 +59,7 @@ def model() -> MLATransformer:
 @pytest.fixture
 def reference_decode(monkeypatch):
     """The decode op's PyTorch reference instead of the interpreted kernel (same semantics)."""
-    monkeypatch.setattr(mla_decode_op, "KERNELS_INTERPRETED", False)
+    monkeypatch.setattr(dispatch, "KERNELS_INTERPRETED", False)
 
 
 def make_engine(model: MLATransformer, *, chunk_size: int = 2048, **cache_kwargs) -> MLAEngine:
@@ -116,7 +116,7 @@ def test_prefill_and_decode_match_training_forward(model, reference_decode, case
 def test_triton_kernels_match_training_forward():
     """The decode kernel, and the model's Triton norms and rotation, interpreted on CPU: a batch of
     two lengths over several pages, q_len 1 and 3."""
-    assert mla_decode_op.KERNELS_INTERPRETED or torch.cuda.is_available()
+    assert dispatch.KERNELS_INTERPRETED or torch.cuda.is_available()
     model = tiny_model(kernels="triton")
     engine = make_engine(model, chunk_size=16)
     random.Random(1).shuffle(engine.cache.free_pages)
@@ -134,7 +134,7 @@ def test_triton_kernels_match_training_forward():
 )
 def test_fp8_cache_logits_close_to_full_precision_cache(model, monkeypatch, kernel, group_size):
     if kernel == "reference":
-        monkeypatch.setattr(mla_decode_op, "KERNELS_INTERPRETED", False)
+        monkeypatch.setattr(dispatch, "KERNELS_INTERPRETED", False)
     tokens = random_tokens(2, 30)
     logits = {
         fp8: teacher_forced_logits(
@@ -307,7 +307,7 @@ def test_generation_from_trained_checkpoint_api_and_cli_agree(trained_checkpoint
         stderr=subprocess.PIPE,
         text=True,
     )
-    monkeypatch.setattr(mla_decode_op, "KERNELS_INTERPRETED", False)
+    monkeypatch.setattr(dispatch, "KERNELS_INTERPRETED", False)
     generator = Generator.from_checkpoint(
         DEBUG_CONFIG, trained_checkpoints / "step-2", overrides=GENERATE_OVERRIDES
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from titan_mla.ops import dispatch
 from titan_mla.ops import mla_decode as mla_decode_module
 from titan_mla.ops.mla_decode import (
     DecodeConfig,
@@ -397,7 +398,7 @@ def opcheck(args: tuple) -> None:
 
 
 def test_opcheck_cpu_reference_branch(monkeypatch):
-    monkeypatch.setattr(mla_decode_module, "KERNELS_INTERPRETED", False)
+    monkeypatch.setattr(dispatch, "KERNELS_INTERPRETED", False)
     for args in opcheck_samples("cpu"):
         assert not runs_triton(args[0])
         opcheck(args)

@@ -10,9 +10,10 @@ import os
 
 import pytest
 import torch
+from helpers import assert_compiled_matches_eager
 from torch import nn
 
-from titan_mla.ops import rmsnorm
+from titan_mla.ops import dispatch, rmsnorm
 from titan_mla.ops.rmsnorm import (
     RMSNorm,
     rms_norm,
@@ -49,7 +50,7 @@ def float64_grads(outputs, grad_outputs, inputs) -> list[torch.Tensor]:
 @pytest.fixture
 def cpu_reference_branch(monkeypatch):
     """Make the ops take their PyTorch reference on CPU, whatever TRITON_INTERPRET says."""
-    monkeypatch.setattr(rmsnorm, "KERNELS_INTERPRETED", False)
+    monkeypatch.setattr(dispatch, "KERNELS_INTERPRETED", False)
 
 
 def test_cpu_branch_follows_triton_interpret():
@@ -294,22 +295,8 @@ def check_compiled_matches_eager(device: str, backend: str, dynamic: bool | None
     torch.manual_seed(8)
     inputs = [torch.randn(2, 7, 64, device=device) for _ in range(2)]
     inputs.append(torch.randn(64, device=device))
-    eager_inputs = [t.clone().requires_grad_() for t in inputs]
-    compiled_inputs = [t.clone().requires_grad_() for t in inputs]
     grad = torch.randn(2, 7, 64, device=device)
-
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    compiled = torch.compile(norm_block, backend=backend, fullgraph=True, dynamic=dynamic)
-    compiled_out = compiled(*compiled_inputs)
-    compiled_out.backward(grad)
-    eager_out = norm_block(*eager_inputs)
-    eager_out.backward(grad)
-
-    assert not torch._dynamo.utils.counters["graph_break"]
-    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-5)
-    for compiled_input, eager_input in zip(compiled_inputs, eager_inputs, strict=True):
-        torch.testing.assert_close(compiled_input.grad, eager_input.grad, rtol=1e-5, atol=1e-5)
+    assert_compiled_matches_eager(norm_block, inputs, (), grad, backend, dynamic)
 
 
 def test_compile_cpu_reference_branch():

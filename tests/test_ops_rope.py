@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_compiled_matches_eager
 
 from titan_mla.models.args import MLAModelArgs
 from titan_mla.models.rope import rope_cos_sin
-from titan_mla.ops import rmsnorm
+from titan_mla.ops import dispatch
 from titan_mla.ops.rope import mla_rope, mla_rope_reference
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -90,7 +91,7 @@ def nan_padded_inputs(batch, seq_len, n_heads, device, dtype, generator):
 @pytest.fixture
 def cpu_reference_branch(monkeypatch):
     """Make the ops take their PyTorch reference on CPU, whatever TRITON_INTERPRET says."""
-    monkeypatch.setattr(rmsnorm, "KERNELS_INTERPRETED", False)
+    monkeypatch.setattr(dispatch, "KERNELS_INTERPRETED", False)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -220,21 +221,10 @@ def check_compiled_matches_eager(device: str, backend: str, dynamic: bool | None
     positions = make_positions("packed", batch, seq_len, DEBUG_ARGS.max_seq_len, generator)
     positions = positions.to(device)
     grad = torch.randn(batch, seq_len, n_heads, generator=generator).to(device)
-    eager_inputs = [t.to(device).requires_grad_() for t in (q, k_pe)]
-    compiled_inputs = [t.to(device).requires_grad_() for t in (q, k_pe)]
-
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    compiled = torch.compile(rope_then_score, backend=backend, fullgraph=True, dynamic=dynamic)
-    compiled_out = compiled(*compiled_inputs, rope_cache, positions)
-    compiled_out.backward(grad)
-    eager_out = rope_then_score(*eager_inputs, rope_cache, positions)
-    eager_out.backward(grad)
-
-    assert not torch._dynamo.utils.counters["graph_break"]
-    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-5)
-    for compiled_input, eager_input in zip(compiled_inputs, eager_inputs, strict=True):
-        torch.testing.assert_close(compiled_input.grad, eager_input.grad, rtol=1e-5, atol=1e-5)
+    inputs = [q.to(device), k_pe.to(device)]
+    assert_compiled_matches_eager(
+        rope_then_score, inputs, (rope_cache, positions), grad, backend, dynamic
+    )
 
 
 def test_compile_cpu_reference_branch():

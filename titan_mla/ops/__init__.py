@@ -1,14 +1,8 @@
 """Triton kernels registered as PyTorch custom ops (``torch.ops.titan_mla.*``), each with its
 PyTorch reference beside it."""
 
-from .rmsnorm import (
-    RMSNorm,
-    rms_norm,
-    rms_norm_add,
-    rms_norm_add_reference,
-    rms_norm_reference,
-    runs_triton,
-)
+from .dispatch import runs_triton
+from .rmsnorm import RMSNorm, rms_norm, rms_norm_add, rms_norm_add_reference, rms_norm_reference
 from .rope import mla_rope, mla_rope_reference
 
 __all__ = [

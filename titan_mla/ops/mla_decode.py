@@ -51,9 +51,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch._subclasses.fake_tensor import FakeTensor
-from torch._subclasses.functional_tensor import FunctionalTensor
-from triton.runtime.interpreter import InterpretedFunction
+
+from .dispatch import runs_triton
 
 FP8_E4M3_MAX = 448.0
 DEFAULT_FP8_GROUP_SIZE = 128
@@ -505,27 +504,6 @@ def _mla_decode_combine_kernel(
         max_lse = new_max
     out = acc / tl.where(weight_sum > 0.0, weight_sum, 1.0)
     tl.store(out_ptr + row * LATENT_DIM + latent_cols, out.to(out_ptr.dtype.element_ty))
-
-
-# Whether the kernels were decorated under TRITON_INTERPRET=1 and so run on CPU tensors. Tests set
-# it to False to check the CPU reference branch.
-KERNELS_INTERPRETED = isinstance(_mla_decode_split_kernel, InterpretedFunction)
-
-
-def runs_triton(x: Tensor) -> bool:
-    """Whether the op body given ``x`` launches the Triton kernels (else: the PyTorch reference).
-
-    CUDA tensors always do. CPU tensors do only when KERNELS_INTERPRETED and the call is eager on
-    real data: fake or functional tensors (torch.compile, opcheck) have no storage to interpret.
-    """
-    if x.device.type == "cuda":
-        return True
-    return (
-        x.device.type == "cpu"
-        and KERNELS_INTERPRETED
-        and not torch.compiler.is_compiling()
-        and not isinstance(x, (FakeTensor, FunctionalTensor))
-    )
 
 
 @dataclass(frozen=True)

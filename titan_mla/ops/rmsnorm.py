@@ -16,9 +16,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import FakeTensor
-from torch._subclasses.functional_tensor import FunctionalTensor
-from triton.runtime.interpreter import InterpretedFunction
+
+from .dispatch import runs_triton
 
 MAX_HIDDEN_SIZE = 16384
 # Backward programs per SM: each loops over a contiguous chunk of rows and keeps one dweight partial.
@@ -152,28 +151,6 @@ def _sum_partials_kernel(
         partial_ptr + partials[:, None] * n_cols + cols[None, :], mask=mask, other=0.0
     )
     tl.store(out_ptr + cols, tl.sum(partial, axis=0).to(out_ptr.dtype.element_ty), mask=col_mask)
-
-
-# Whether the kernels were decorated under TRITON_INTERPRET=1 and so run on CPU tensors. Tests set
-# it to False to check the CPU reference branch.
-KERNELS_INTERPRETED = isinstance(_rms_norm_fwd_kernel, InterpretedFunction)
-
-
-def runs_triton(x: Tensor) -> bool:
-    """Whether an op body given ``x`` launches its Triton kernels (else: the PyTorch reference).
-
-    CUDA tensors always do. CPU tensors do only when KERNELS_INTERPRETED and the call is eager on
-    real data: fake or functional tensors (torch.compile, opcheck's AOT tests) have no storage the
-    interpreter can read.
-    """
-    if x.device.type == "cuda":
-        return True
-    return (
-        x.device.type == "cpu"
-        and KERNELS_INTERPRETED
-        and not torch.compiler.is_compiling()
-        and not isinstance(x, (FakeTensor, FunctionalTensor))
-    )
 
 
 def _rows_view(t: Tensor) -> Tensor:

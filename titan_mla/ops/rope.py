@@ -4,7 +4,7 @@ shared rotary key, copy the queries' no-rope part, in one pass over memory.
 Layout as in titan_mla.models.rope.apply_rope (DeepSeek-V3): consecutive pairs (x[2i], x[2i+1])
 rotate by position * inv_freq[i]; ``rope_cache`` is the float32 (max_seq_len, rope_dim) table of the
 cosines then the sines of those angles. The backward is the rotation by the opposite angle, the same
-kernel with the sines negated. Device branch as in titan_mla.ops.rmsnorm (``runs_triton``).
+kernel with the sines negated. Device branch: titan_mla.ops.dispatch.runs_triton.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from titan_mla.models.rope import apply_rope
 
-from .rmsnorm import runs_triton
+from .dispatch import runs_triton
 
 
 @triton.jit
