@@ -10,6 +10,8 @@ kernels = "triton"   # or "torch": the same model through plain PyTorch ops, to 
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .tracking import MLflow
+
 
 @dataclass
 class Model:
@@ -21,3 +23,4 @@ class Model:
 @dataclass
 class JobConfig:
     model: Model = field(default_factory=Model)
+    mlflow: MLflow = field(default_factory=MLflow)

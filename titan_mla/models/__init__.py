@@ -9,6 +9,7 @@ from torchtitan.protocols.train_spec import TrainSpec
 
 from ..data.tokenizer import build_tokenizer
 from ..parallelisms import parallelize_mla
+from ..tracking import build_metrics_processor
 from .args import MLAModelArgs
 from .model import MLATransformer
 
@@ -58,6 +59,7 @@ def get_train_spec() -> TrainSpec:
         build_tokenizer_fn=build_tokenizer,
         build_loss_fn=build_cross_entropy_loss,
         build_validator_fn=build_validator,
+        build_metrics_processor_fn=build_metrics_processor,
     )
 
 
