@@ -30,7 +30,8 @@ pytestmark = pytest.mark.slow
 STEPS = 6
 TOKENS_PER_STEP = 4 * 128  # local_batch_size x seq_len
 LR, WARMUP_STEPS = 3e-3, 5  # train_configs/debug_model.toml
-RESULT_FILE = REPO / "benchmarks" / "results" / "train-h100.json"
+# A frozen copy of a real result file, so that new benchmark runs do not change what tests expect.
+RESULT_FILE = REPO / "tests" / "data" / "train-h100.json"
 # TensorBoard's PyTorch profiler plugin (torch-tb-profiler) reads the traces named like this.
 PROFILER_PLUGIN_TRACE = re.compile(r"^(.*?)(\.\d+)?\.pt\.trace\.json(?:\.gz)?$")
 
