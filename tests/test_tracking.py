@@ -29,6 +29,7 @@ from titan_mla.tracking import (
     VARIANT_TAG,
     MLflowLogger,
     default_tracking_uri,
+    default_wandb_mode,
     flatten_params,
     log_result_files,
     mlflow_name,
@@ -352,3 +353,40 @@ def test_mlflow_names_and_params():
     }
     assert len(params["long"]) == MAX_PARAM_VALUE_LENGTH
     assert params["long"].endswith("...[truncated]")
+
+
+def test_wandb_mode_defaults_to_offline_only_when_unreachable():
+    closed = f"http://127.0.0.1:{free_port()}"
+    environ = {"WANDB_BASE_URL": closed}
+    assert default_wandb_mode(environ) == "offline"
+    assert environ["WANDB_MODE"] == "offline"
+    # A mode the user chose is kept, reachable or not.
+    environ = {"WANDB_BASE_URL": closed, "WANDB_MODE": "disabled"}
+    assert default_wandb_mode(environ) is None
+    assert environ["WANDB_MODE"] == "disabled"
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        environ = {"WANDB_BASE_URL": f"http://127.0.0.1:{listening.getsockname()[1]}"}
+        assert default_wandb_mode(environ) is None
+        assert "WANDB_MODE" not in environ
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
+def test_training_with_wandb_and_no_network_logs_offline(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("WANDB_PROJECT", "titan-mla-test")
+    dump_folder = tmp_path / "run"
+    returncode, losses, output = run_train(
+        dump_folder,
+        "--metrics.enable_wandb",
+        "--metrics.log_freq=1",
+        f"--training.steps={STEPS}",
+        "--training.seq_len=128",
+    )
+    assert returncode == 0, output[-3000:]
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert "logging offline (WANDB_MODE=offline)" in output
+    (offline_run,) = dump_folder.glob("tb/*/wandb/offline-run-*")
+    assert list(offline_run.glob("run-*.wandb"))  # the run's records, for `wandb sync`

@@ -10,6 +10,8 @@
 - ``log_result_files``: benchmark/ablation result files (``benchmarks/results/*.json``) as runs with
   the file and its markdown table as artifacts and its figures as metrics.
 - ``start_variant_run``: one run per variant of an ablation, under one experiment.
+- ``default_wandb_mode``: W&B (torchtitan's ``[metrics] enable_wandb``) writes offline when its
+  server cannot be reached and ``WANDB_MODE`` is not set, instead of failing or hanging at start.
 
 MLflow is optional (``pip install -e '.[mlflow]'``); nothing here imports it until it is used.
 """
@@ -21,6 +23,7 @@ import datetime
 import json
 import os
 import re
+import socket
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import torch
 from torchtitan.components.metrics import BaseLogger, LoggerContainer, MetricsProcessor
@@ -54,6 +58,8 @@ VARIANT_TAG = "titan_mla.variant"
 RESULT_FILE_TAG = "titan_mla.result_file"
 CHECKPOINT_STEP_FOLDER = re.compile(r"^step-(\d+)$")  # torchtitan's checkpoint/step-N
 _ILLEGAL_NAME_CHARACTER = re.compile(r"[^\w\-. /]")
+WANDB_DEFAULT_BASE_URL = "https://api.wandb.ai"
+WANDB_PROBE_TIMEOUT_S = 3.0
 
 
 @dataclass
@@ -222,6 +228,33 @@ class MLflowLogger(BaseLogger):
         self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
 
 
+def server_reachable(url: str, timeout_s: float = WANDB_PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the URL's host and port opens within timeout_s."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def default_wandb_mode(environ: dict[str, str] | os._Environ = os.environ) -> str | None:
+    """Set ``WANDB_MODE=offline`` in environ when W&B's server (``WANDB_BASE_URL``) is unreachable
+    and no mode was chosen; returns the mode set, or None when environ is left as it was."""
+    if environ.get("WANDB_MODE"):
+        return None
+    base_url = environ.get("WANDB_BASE_URL", WANDB_DEFAULT_BASE_URL)
+    if server_reachable(base_url):
+        return None
+    environ["WANDB_MODE"] = "offline"
+    logger.warning(
+        f"W&B: {base_url} is not reachable, logging offline (WANDB_MODE=offline); "
+        "upload later with `wandb sync <dump_folder>/tb/<run>/wandb/offline-run-*`"
+    )
+    return "offline"
+
+
 def build_metrics_processor(
     job_config: JobConfig,
     parallel_dims: ParallelDims,
@@ -229,7 +262,10 @@ def build_metrics_processor(
     tag: str | None = None,
 ) -> MetricsProcessor:
     """torchtitan's metrics processor, plus an MLflow logger on rank 0 when ``mlflow.enable`` is on
-    (without an ``[mlflow]`` section in the job config, exactly torchtitan's)."""
+    (without an ``[mlflow]`` section in the job config, exactly torchtitan's). W&B goes offline
+    when its server is unreachable (``default_wandb_mode``)."""
+    if job_config.metrics.enable_wandb:
+        default_wandb_mode()
     processor = build_torchtitan_metrics_processor(job_config, parallel_dims, model_args, tag)
     enabled = getattr(getattr(job_config, "mlflow", None), "enable", False)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
