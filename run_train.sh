@@ -20,8 +20,9 @@ if [[ -z "${NGPU:-}" ]]; then
   NGPU=$(python3 -c "import torch; print(max(torch.cuda.device_count(), 1))")
 fi
 LOG_RANK=${LOG_RANK:-0}
+read -r -a torchrun_args <<<"${TORCHRUN_ARGS:-}"  # e.g. "--nnodes 2 --rdzv_endpoint head:29500", split on spaces
 
 PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-expandable_segments:True} \
 exec python3 -m torch.distributed.run --nproc_per_node="$NGPU" --rdzv_backend c10d --rdzv_endpoint="localhost:0" \
-  --local-ranks-filter "$LOG_RANK" --role rank --tee 3 ${TORCHRUN_ARGS:-} \
+  --local-ranks-filter "$LOG_RANK" --role rank --tee 3 "${torchrun_args[@]}" \
   -m titan_mla.train "$@"

@@ -10,13 +10,19 @@ the reference before it is timed. Writes benchmarks/results/mla_decode-<gpu>.jso
 
     COMMIT=$(git rev-parse HEAD) python benchmarks/bench_mla_decode.py --out benchmarks/results
 
---sweep also times a few launch configurations and split counts per shape (several minutes) and
-prints the best ones, to tune titan_mla.ops.mla_decode.default_config / default_num_splits.
+--tune times, per case and cache kind, the candidates of tuning_candidates (at most 12 launch
+configurations: tile shape x programs per SM of the split heuristic), each checked against the
+default configuration's checked output; the Triton rows and the summary then use each case's best
+configuration (named in the rows' "config"), the default heuristic's rows stay beside them as
+triton_*_default, and a TUNED_CONFIGS table for titan_mla/ops/mla_decode.py is printed: per key,
+the candidate with the smallest geometric-mean slowdown over that key's cases. --smoke runs small
+shapes (and two tiles x two split targets when tuning) to check the script in a minute.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,12 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import write_result
 from titan_mla.ops.mla_decode import (
     DecodeConfig,
-    default_config,
-    default_num_splits,
     mla_decode,
     mla_decode_reference,
     mla_decode_triton,
     quantize_latent_fp8,
+    tuning_key,
 )
 
 LATENT_DIM, ROPE_DIM, PAGE_SIZE, FP8_GROUP_SIZE = 512, 64, 64, 128
@@ -74,6 +79,8 @@ SHAPES = [
     Shape(1, 65536, 16, False),
     Shape(1, 1 << 20, 16, False),
 ]
+# --smoke: every code path (variable lengths, 128 heads, a long single sequence) in seconds.
+SMOKE_SHAPES = [Shape(8, 1024, 16, True), Shape(4, 512, 128, True), Shape(1, 8192, 16, False)]
 
 
 @dataclass
@@ -184,95 +191,136 @@ def time_ms(fn: Callable[[], torch.Tensor]) -> float:
     return triton.testing.do_bench(fn, return_mode="median")
 
 
-def copy_bandwidth() -> float:
+def copy_bandwidth(n_bytes: int) -> float:
     """GB/s of a device-to-device copy, bytes read plus written."""
-    source = torch.randint(0, 255, (COPY_BYTES,), dtype=torch.uint8, device=DEVICE)
+    source = torch.randint(0, 255, (n_bytes,), dtype=torch.uint8, device=DEVICE)
     target = torch.empty_like(source)
     ms = time_ms(lambda: target.copy_(source))
-    return 2 * COPY_BYTES / ms / 1e6
+    return 2 * n_bytes / ms / 1e6
 
 
-def sweep_candidates(block_h: int) -> list[DecodeConfig]:
-    """Launch configurations that compile for sm_90 without spilling (checked with ptxas)."""
+def tuning_candidates(key: tuple[str, int, bool], smoke: bool) -> list[DecodeConfig]:
+    """The launch configurations --tune times for a TUNED_CONFIGS key (at most 12): tile shapes
+    that compile for sm_90 without register spills (ptxas -v, checked by hand; blocks of 16
+    rows fit 4 or 8 warps, blocks of 64 rows need 8 warps and fp8 at most 2 stages), each with the split heuristic aiming at a
+    few programs per SM (fewer, longer splits for long single sequences). 128 heads never split
+    (the fp32 partials would cost more than the cache), so there only the tile shape varies."""
+    kind, block_h, few_programs = key
     if block_h < 64:
-        tiles = [
-            (32, 8, 5, False),
-            (32, 8, 3, False),
-            (64, 8, 5, False),
-            (32, 4, 5, False),
-            (16, 8, 5, False),
-            (32, 8, 1, True),
-            (64, 8, 1, True),
-            (16, 4, 1, True),
-        ]
+        # (block_n, num_warps, num_stages, prefetch, fp8_grouped_dots)
+        tiles = {
+            "bf16": [
+                (32, 8, 5, False, False),
+                (64, 8, 3, False, False),
+                (16, 4, 5, False, False),
+                (32, 4, 3, False, False),
+            ],
+            "fp8": [
+                (32, 8, 1, True, False),
+                (32, 8, 3, False, False),
+                (16, 8, 3, False, False),
+                (16, 4, 2, False, True),
+            ],
+        }[kind]
+        programs_per_sm = [0.25, 1.0, 4.0] if few_programs else [2.0, 4.0, 8.0]
     else:
-        tiles = [
-            (32, 8, 5, False),
-            (16, 8, 5, False),
-            (32, 8, 3, False),
-            (16, 8, 3, False),
-            (32, 8, 2, False),
-            (16, 8, 2, False),
-        ]
-    return [DecodeConfig(block_h, *tile) for tile in tiles]
+        tiles = {
+            "bf16": [
+                (32, 8, 5, False, False),
+                (16, 8, 5, False, False),
+                (16, 8, 4, False, False),
+                (16, 8, 3, False, False),
+                (16, 8, 2, False, False),
+            ],
+            # Grouped dots spill from 32 rows on: not a candidate here.
+            "fp8": [(32, 8, 2, False, False), (16, 8, 2, False, False)],
+        }[kind]
+        programs_per_sm = [4.0]
+    if smoke:
+        tiles, programs_per_sm = tiles[:2], programs_per_sm[:2]
+    return [
+        DecodeConfig(block_h, block_n, warps, stages, prefetch, pps, grouped)
+        for block_n, warps, stages, prefetch, grouped in tiles
+        for pps in programs_per_sm
+    ]
 
 
-def sweep(shape: Shape, inputs: Inputs, fp8: bool, reference: torch.Tensor) -> dict:
-    """Time every candidate configuration x split count; print the best few, return the best."""
-    n_rows = shape.heads
-    default = default_config(n_rows, torch.bfloat16, fp8)
-    splits = default_num_splits(
-        shape.batch,
-        n_rows,
-        shape.context,
-        LATENT_DIM,
-        cache_row_bytes(fp8),
-        default.block_h,
-        torch.cuda.get_device_properties(DEVICE).multi_processor_count,
-    )
-    split_candidates = sorted({1, max(1, splits // 2), splits, 2 * splits})
+def tune(
+    shape: Shape, inputs: Inputs, fp8: bool, check: torch.Tensor, smoke: bool
+) -> tuple[tuple, dict[DecodeConfig, float]]:
+    """Time every candidate configuration (each checked against ``check``, the default
+    configuration's checked output); returns the TUNED_CONFIGS key and ms per candidate."""
+    sm_count = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    key = tuning_key(shape.batch, shape.heads, fp8, sm_count)
     args = inputs.fp8_args() if fp8 else inputs.bf16_args()
     latent_scale = inputs.latent_scale if fp8 else None
-    results = []
-    for config in sweep_candidates(default.block_h):
-        for num_splits in split_candidates:
+    timings = {}
+    for config in tuning_candidates(key, smoke):
 
-            def run(config=config, num_splits=num_splits) -> torch.Tensor:
-                return mla_decode_triton(*args, latent_scale, num_splits, config)
+        def run(config=config) -> torch.Tensor:
+            return mla_decode_triton(*args, latent_scale, None, config)
 
-            try:
-                error = relative_error(run(), reference)
-            except OutOfResources as exception:
-                print(f"  {config} splits={num_splits}: {exception}")
-                break
-            assert error <= TOLERANCE, (config, num_splits, error)
-            results.append((time_ms(run), config, num_splits))
-    results.sort(key=lambda result: result[0])
-    kind = "fp8" if fp8 else "bf16"
-    print(f"sweep {shape.case} {kind} (default {default}, splits {splits}):")
-    for ms, config, num_splits in results[:3]:
-        gbps = bytes_moved(shape, inputs.tokens, fp8) / ms / 1e6
-        print(f"  {ms * 1e3:8.1f} us  {gbps:7.0f} GB/s  {config} splits={num_splits}")
-    ms, config, num_splits = results[0]
-    return {"ms": ms, "config": f"{config} splits={num_splits}"}
+        try:
+            error = relative_error(run(), check)
+        except OutOfResources as exception:
+            print(f"  {config}: skipped, {exception}")
+            continue
+        assert error <= TOLERANCE, (shape, config, error)
+        timings[config] = time_ms(run)
+    best = min(timings, key=timings.get)
+    print(
+        f"  tune {shape.case} {key[0]}: {len(timings)} configs, best {timings[best] * 1e3:.1f} us "
+        f"{best}"
+    )
+    return key, timings
 
 
-def bench_shape(shape: Shape, copy_gbps: float, do_sweep: bool, notes: list[str]) -> list[dict]:
+def heuristic_table(tuned: dict[tuple, list[dict[DecodeConfig, float]]]) -> str:
+    """TUNED_CONFIGS source: per key, the candidate with the smallest geometric mean of its time
+    over the best time, across the cases of that key."""
+    lines = ["TUNED_CONFIGS: dict[tuple[str, int, bool], DecodeConfig] = {"]
+    for key in sorted(tuned):
+        cases = tuned[key]
+        common = set.intersection(*(set(timings) for timings in cases))
+
+        def slowdown(config: DecodeConfig, cases=cases) -> float:
+            ratios = [timings[config] / min(timings.values()) for timings in cases]
+            return math.prod(ratios) ** (1 / len(ratios))
+
+        best = min(common, key=slowdown)
+        kind, block_h, few_programs = key
+        lines.append(
+            f'    ("{kind}", {block_h}, {few_programs}): {best!r},'
+            f"  # {slowdown(best):.3f}x the per-case best over {len(cases)} case(s)"
+        )
+    return "\n".join([*lines, "}"])
+
+
+def bench_shape(
+    shape: Shape, copy_gbps: float, tuning: dict | None, smoke: bool, notes: list[str]
+) -> list[dict]:
+    """Check and time every variant at ``shape``. With ``tuning`` (a dict collecting each
+    TUNED_CONFIGS key's candidate timings), the Triton rows use the case's best configuration,
+    and the default heuristic's rows are kept beside them as triton_*_default."""
     generator = torch.Generator().manual_seed(shape.batch * shape.context + shape.heads)
     inputs = make_inputs(shape, generator)
     bf16_args, fp8_args = inputs.bf16_args(), inputs.fp8_args()
     latent_scale = inputs.latent_scale
 
-    variants: dict[str, tuple[Callable[[], torch.Tensor], bool]] = {
-        "triton_bf16": (lambda: mla_decode(*bf16_args), False),
-        "triton_fp8": (lambda: mla_decode(*fp8_args, latent_scale=latent_scale), True),
+    def triton_variant(fp8: bool, config: DecodeConfig | None) -> Callable[[], torch.Tensor]:
+        args = fp8_args if fp8 else bf16_args
+        scale = latent_scale if fp8 else None
+        return lambda: mla_decode_triton(*args, scale, None, config)
+
+    variants: dict[str, tuple[Callable[[], torch.Tensor], bool, DecodeConfig | None]] = {
+        "triton_bf16": (lambda: mla_decode(*bf16_args), False, None),
+        "triton_fp8": (lambda: mla_decode(*fp8_args, latent_scale=latent_scale), True, None),
     }
     ours_bf16 = variants["triton_bf16"][0]()
     ours_fp8 = variants["triton_fp8"][0]()
     fp8_error = relative_error(ours_fp8, ours_bf16)
     assert fp8_error <= FP8_VS_BF16_TOLERANCE, (shape, fp8_error)
 
-    reference = None
     if reference_memory(shape) > REFERENCE_MEMORY_LIMIT:
         notes.append(
             f"{shape.case}: PyTorch reference skipped (needs ~{reference_memory(shape) / 2**30:.0f}"
@@ -287,38 +335,38 @@ def bench_shape(shape: Shape, copy_gbps: float, do_sweep: bool, notes: list[str]
         compiled_reference = torch.compile(mla_decode_reference, dynamic=False)
         compiled_out = compiled_reference(*bf16_args)
         assert relative_error(compiled_out, reference) <= COMPILED_TOLERANCE, shape
-        variants["torch_reference_eager"] = (lambda: mla_decode_reference(*bf16_args), False)
-        variants["torch_reference_compiled"] = (lambda: compiled_reference(*bf16_args), False)
+        variants["torch_reference_eager"] = (lambda: mla_decode_reference(*bf16_args), False, None)
+        variants["torch_reference_compiled"] = (
+            lambda: compiled_reference(*bf16_args),
+            False,
+            None,
+        )
+
+    if tuning is not None:
+        # Other configurations must agree with the checked default ones.
+        for fp8, check in ((False, ours_bf16), (True, ours_fp8)):
+            key, timings = tune(shape, inputs, fp8, check, smoke)
+            tuning.setdefault(key, []).append(timings)
+            best = min(timings, key=timings.get)
+            impl = f"triton_{'fp8' if fp8 else 'bf16'}"
+            variants[f"{impl}_default"] = variants[impl]
+            variants[impl] = (triton_variant(fp8, best), fp8, best)
 
     rows = []
-    for impl, (fn, fp8) in variants.items():
+    for impl, (fn, fp8, config) in variants.items():
         ms = time_ms(fn)
         gbps = bytes_moved(shape, inputs.tokens, fp8) / ms / 1e6
         tflops = flops(shape, inputs.tokens) / ms / 1e9
+        extra = {} if config is None else {"config": repr(config)}
         rows += [
-            {"case": shape.case, "impl": impl, "metric": "ms", "value": ms},
-            {"case": shape.case, "impl": impl, "metric": "GB/s", "value": gbps},
-            {"case": shape.case, "impl": impl, "metric": "TFLOP/s", "value": tflops},
+            {"case": shape.case, "impl": impl, "metric": metric, "value": number, **extra}
+            for metric, number in (("ms", ms), ("GB/s", gbps), ("TFLOP/s", tflops))
         ]
         print(
             f"{shape.case:24s} {impl:26s} {ms * 1e3:9.1f} us {gbps:7.0f} GB/s "
-            f"({gbps / copy_gbps:4.0%} of copy) {tflops:6.1f} TFLOP/s"
+            f"({gbps / copy_gbps:4.0%} of copy) {tflops:6.1f} TFLOP/s",
+            flush=True,
         )
-    if do_sweep:
-        # Other configurations must agree with the checked default ones.
-        for fp8, check in ((False, ours_bf16), (True, ours_fp8)):
-            best = sweep(shape, inputs, fp8, check)
-            impl = f"triton_{'fp8' if fp8 else 'bf16'}_sweep_best"
-            gbps = bytes_moved(shape, inputs.tokens, fp8) / best["ms"] / 1e6
-            rows.append(
-                {
-                    "case": shape.case,
-                    "impl": impl,
-                    "metric": "GB/s",
-                    "value": gbps,
-                    "config": best["config"],
-                }
-            )
     return rows
 
 
@@ -331,28 +379,36 @@ def value(rows: list[dict], case: str, impl: str, metric: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--sweep", action="store_true", help="also tune configs and splits")
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="time candidate configurations per case, report with the best, print TUNED_CONFIGS",
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
 
-    copy_gbps = copy_bandwidth()
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    copy_bytes = COPY_BYTES >> 4 if args.smoke else COPY_BYTES
+    copy_gbps = copy_bandwidth(copy_bytes)
     print(f"device-to-device copy: {copy_gbps:.0f} GB/s")
     rows = [
         {
-            "case": f"copy_{COPY_BYTES >> 20}MiB",
+            "case": f"copy_{copy_bytes >> 20}MiB",
             "impl": "torch_copy",
             "metric": "GB/s",
             "value": copy_gbps,
         }
     ]
     notes: list[str] = []
-    for shape in SHAPES:
-        rows += bench_shape(shape, copy_gbps, args.sweep, notes)
+    tuning: dict | None = {} if args.tune else None
+    for shape in shapes:
+        rows += bench_shape(shape, copy_gbps, tuning, args.smoke, notes)
         torch.cuda.empty_cache()
 
-    memory_bound = [shape.case for shape in SHAPES if shape.heads == 16]
-    h128 = next(shape.case for shape in SHAPES if shape.heads == 128)
+    memory_bound = [shape.case for shape in shapes if shape.heads == 16]
+    h128 = next(shape.case for shape in shapes if shape.heads == 128)
     summary = {
         "decode_bf16_frac_of_copy_bw": min(
             value(rows, case, "triton_bf16", "GB/s") / copy_gbps for case in memory_bound
@@ -363,12 +419,16 @@ def main() -> None:
         ),
         "decode_h128_tflops": value(rows, h128, "triton_bf16", "TFLOP/s"),
         "copy_gbps": copy_gbps,
+        "configs": "best per case (--tune)" if args.tune else "default heuristic",
     }
     if notes:
         summary["notes"] = "; ".join(notes)
     command = "python " + " ".join(sys.argv)
     path = write_result("mla_decode", command, rows, summary, args.out)
     print(summary)
+    if tuning is not None:
+        print("\nHeuristic table for titan_mla/ops/mla_decode.py (paste over TUNED_CONFIGS):")
+        print(heuristic_table(tuning))
     print(f"wrote {path}")
 
 

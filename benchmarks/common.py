@@ -11,6 +11,8 @@ import torch
 
 
 def gpu_tag() -> str:
+    if not torch.cuda.is_available():
+        return "cpu"
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     kind = next((k for k in ("h200", "h100", "a100", "b200") if k in name.lower()), "gpu")
     count = torch.cuda.device_count()

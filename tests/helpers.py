@@ -4,6 +4,7 @@ pytest puts tests/ on sys.path, tests is not a package)."""
 from __future__ import annotations
 
 import os
+import random
 import re
 import subprocess
 from pathlib import Path
@@ -53,3 +54,27 @@ def assert_compiled_matches_eager(
     torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-5)
     for compiled_input, eager_input in zip(compiled_inputs, eager_inputs, strict=True):
         torch.testing.assert_close(compiled_input.grad, eager_input.grad, rtol=1e-5, atol=1e-5)
+
+
+def exact_length_documents(n_docs: int, n_tokens: int) -> list[str]:
+    """Documents that each encode (with BOS and EOS) to exactly n_tokens tokens, so every training
+    window of n_tokens is one document and each rank's shard is a known set of windows."""
+    from tokenizers import Tokenizer
+
+    from titan_mla.data import builtin_documents
+    from titan_mla.data.tokenizer import TOKENIZER_DIR
+
+    tokenizer = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))
+    words = sorted({w for doc in builtin_documents() for w in doc.split() if w.isalpha()})
+    word_len = {w: len(tokenizer.encode(" " + w).ids) for w in words}
+    rng = random.Random(0)
+    docs = []
+    for _ in range(n_docs):
+        text, count = "", 2  # BOS, EOS
+        while count < n_tokens:
+            word = rng.choice(words)
+            if count + word_len[word] <= n_tokens:
+                text, count = text + " " + word, count + word_len[word]
+        assert len(tokenizer.encode(text).ids) + 2 == n_tokens
+        docs.append(text)
+    return docs

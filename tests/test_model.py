@@ -38,9 +38,57 @@ def rotate64(x, angles):
     return out
 
 
+def mla_attention64(args: MLAModelArgs, p: dict, x: torch.Tensor, angles, causal) -> torch.Tensor:
+    """Per-head causal softmax attention over the expanded keys and values."""
+    if args.q_lora_rank:
+        q_latent = rms_norm64(
+            x @ p["attention.wq_a.weight"].T, p["attention.q_norm.weight"], args.norm_eps
+        )
+        q_all = q_latent @ p["attention.wq_b.weight"].T
+    else:
+        q_all = x @ p["attention.wq.weight"].T
+    kv_a = x @ p["attention.wkv_a.weight"].T
+    latent = rms_norm64(
+        kv_a[..., : args.kv_lora_rank], p["attention.kv_norm.weight"], args.norm_eps
+    )
+    k_rope = rotate64(kv_a[..., args.kv_lora_rank :], angles)
+    kv_all = latent @ p["attention.wkv_b.weight"].T
+    heads = []
+    for head in range(args.n_heads):
+        q = q_all[..., head * args.qk_head_dim : (head + 1) * args.qk_head_dim]
+        q = torch.cat(
+            [q[..., : args.qk_nope_head_dim], rotate64(q[..., args.qk_nope_head_dim :], angles)],
+            -1,
+        )
+        kv = kv_all[..., head * (args.qk_nope_head_dim + args.v_head_dim) :][
+            ..., : args.qk_nope_head_dim + args.v_head_dim
+        ]
+        k = torch.cat([kv[..., : args.qk_nope_head_dim], k_rope], -1)
+        v = kv[..., args.qk_nope_head_dim :]
+        scores = (q @ k.transpose(-1, -2)) * args.softmax_scale
+        heads.append(scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v)
+    return torch.cat(heads, -1)
+
+
+def gqa_attention64(args: MLAModelArgs, p: dict, x: torch.Tensor, angles, causal) -> torch.Tensor:
+    """Query head i attends with key/value head i // (n_heads // n_kv_heads), whole head rotated."""
+    d = args.head_dim
+    q_all, k_all, v_all = (x @ p[f"attention.{w}.weight"].T for w in ("wq", "wk", "wv"))
+    heads = []
+    for head in range(args.n_heads):
+        kv_head = head // (args.n_heads // args.n_kv_heads)
+        q = rotate64(q_all[..., head * d : (head + 1) * d], angles)
+        k = rotate64(k_all[..., kv_head * d : (kv_head + 1) * d], angles)
+        v = v_all[..., kv_head * d : (kv_head + 1) * d]
+        scores = (q @ k.transpose(-1, -2)) * args.softmax_scale
+        heads.append(scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v)
+    return torch.cat(heads, -1)
+
+
 def reference_forward(model: MLATransformer, tokens: torch.Tensor) -> torch.Tensor:
-    """Per-head causal softmax attention over the expanded keys and values, in float64."""
+    """The whole model in float64, attention by mla_attention64 or gqa_attention64."""
     args = model.model_args
+    attention = mla_attention64 if args.attention == "mla" else gqa_attention64
     params = {name: p.detach().double() for name, p in model.named_parameters()}
     seq_len = tokens.shape[1]
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), rope_inv_freq(args).double())
@@ -53,37 +101,7 @@ def reference_forward(model: MLATransformer, tokens: torch.Tensor) -> torch.Tens
             if k.startswith(f"layers.{i}.")
         }
         x = rms_norm64(h, p["attention_norm.weight"], args.norm_eps)
-        if args.q_lora_rank:
-            q_latent = rms_norm64(
-                x @ p["attention.wq_a.weight"].T, p["attention.q_norm.weight"], args.norm_eps
-            )
-            q_all = q_latent @ p["attention.wq_b.weight"].T
-        else:
-            q_all = x @ p["attention.wq.weight"].T
-        kv_a = x @ p["attention.wkv_a.weight"].T
-        latent = rms_norm64(
-            kv_a[..., : args.kv_lora_rank], p["attention.kv_norm.weight"], args.norm_eps
-        )
-        k_rope = rotate64(kv_a[..., args.kv_lora_rank :], angles)
-        kv_all = latent @ p["attention.wkv_b.weight"].T
-        heads = []
-        for head in range(args.n_heads):
-            q = q_all[..., head * args.qk_head_dim : (head + 1) * args.qk_head_dim]
-            q = torch.cat(
-                [
-                    q[..., : args.qk_nope_head_dim],
-                    rotate64(q[..., args.qk_nope_head_dim :], angles),
-                ],
-                -1,
-            )
-            kv = kv_all[..., head * (args.qk_nope_head_dim + args.v_head_dim) :][
-                ..., : args.qk_nope_head_dim + args.v_head_dim
-            ]
-            k = torch.cat([kv[..., : args.qk_nope_head_dim], k_rope], -1)
-            v = kv[..., args.qk_nope_head_dim :]
-            scores = (q @ k.transpose(-1, -2)) * args.softmax_scale
-            heads.append(scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v)
-        h = h + torch.cat(heads, -1) @ p["attention.wo.weight"].T
+        h = h + attention(args, p, x, angles, causal) @ p["attention.wo.weight"].T
         x = rms_norm64(h, p["ffn_norm.weight"], args.norm_eps)
         gate, up = x @ p["feed_forward.w1.weight"].T, x @ p["feed_forward.w3.weight"].T
         h = h + (torch.nn.functional.silu(gate) * up) @ p["feed_forward.w2.weight"].T
@@ -110,8 +128,11 @@ def build(**overrides) -> MLATransformer:
         {"q_lora_rank": 24},
         {"tie_embeddings": True},
         {"rope_factor": 4.0, "mscale": 0.7},
+        {"attention": "mha"},
+        {"attention": "gqa", "n_kv_heads": 2, "head_dim": 8},
+        {"attention": "gqa", "n_kv_heads": 1, "rope_factor": 4.0, "mscale": 0.7},
     ],
-    ids=["triton", "torch", "q_lora", "tied", "yarn"],
+    ids=["triton", "torch", "q_lora", "tied", "yarn", "mha", "gqa", "mqa_yarn"],
 )
 def test_forward_matches_float64_reference(overrides):
     torch.manual_seed(0)
@@ -231,3 +252,55 @@ def test_unsupported_seq_len_names_the_limit():
 
     with pytest.raises(ValueError, match=r"training.seq_len=8192 exceeds the 4096 positions"):
         args.update_from_config(Cfg)
+
+
+def test_gqa_parameters_and_flops():
+    # dim 64, 4 query heads and 2 key/value heads of 8: wq 64x32, wk and wv 64x16 each, wo 32x64.
+    args = MLAModelArgs(**{**SMALL, "attention": "gqa", "n_kv_heads": 2, "head_dim": 8})
+    model = MLATransformer(args)
+    attention = model.layers["0"].attention
+    assert [attention.get_submodule(w).weight.shape for w in ("wq", "wk", "wv", "wo")] == [
+        (32, 64),
+        (16, 64),
+        (16, 64),
+        (64, 32),
+    ]
+    nparams, flops = args.get_nparams_and_flops(model, 24)
+    blocks = 2 * (64 * 32 + 2 * 64 * 16 + 32 * 64 + 3 * 64 * 96 + 2 * 64)
+    assert nparams == blocks + 2 * 97 * 64 + 64
+    assert flops == 6 * (nparams - 97 * 64) + 6 * 2 * 4 * (8 + 8) * 24
+    assert args.softmax_scale == pytest.approx(8**-0.5)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"attention": "gpa"}, "unknown attention 'gpa'; supported: mla, mha, gqa"),
+        (
+            {"attention": "mha", "n_kv_heads": 2},
+            "attention 'mha' has n_kv_heads = n_heads = 4, not 2; use attention 'gqa' for fewer "
+            "key/value heads",
+        ),
+        ({"attention": "gqa", "n_kv_heads": 3}, "n_kv_heads=3 does not divide n_heads=4"),
+    ],
+)
+def test_bad_attention_config_is_refused(overrides, message):
+    with pytest.raises(ValueError) as err:
+        MLAModelArgs(**{**SMALL, **overrides})
+    assert str(err.value) == message
+
+
+def test_mla_only_features_refuse_baselines(tmp_path):
+    from titan_mla.inference import MLAEngine, PagedLatentCache
+    from titan_mla.interop.hf import save_hf_model
+
+    model = build(attention="gqa", n_kv_heads=2)
+    cache = PagedLatentCache.for_model(model.model_args, max_tokens=64)
+    with pytest.raises(ValueError) as err:
+        MLAEngine(model, cache)
+    assert_expected_inline(
+        str(err.value),
+        """MLAEngine (the latent-cache inference engine) supports only attention 'mla' models, not 'gqa'""",
+    )
+    with pytest.raises(ValueError, match="export to Hugging Face DeepseekV3 supports only"):
+        save_hf_model(model, tmp_path / "hf")

@@ -31,6 +31,8 @@ from titan_mla.ops.mla_decode import (
 )
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# Where the raw launcher (mla_decode_triton) runs: the GPU, or the CPU under the interpreter.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Relative error of the up-projected output vs float64 attention over expanded K/V. Measured under
 # the interpreter (max over test_matches_float64_attention): fp32 1.4e-7 (exact fp32 dots), bf16
 # 3.8e-3 (q_latent, the cache and the softmax weights rounded to bf16).
@@ -211,11 +213,12 @@ def test_configs(config, page_size, heads, q_len):
     dims = Dims(heads=heads, page_size=page_size)
     case = make_case(seed=5, seq_lens=[70, 9, 33], q_len=q_len, dims=dims)
     q_latent, q_pe = case.q_latent.float(), case.q_pe.float()
-    args = (case.latent_cache, case.k_pe_cache, case.block_table, case.seq_lens)
+    tensors = (q_latent, q_pe, case.latent_cache, case.k_pe_cache, case.block_table, case.seq_lens)
+    tensors = [t.to(KERNEL_DEVICE) for t in tensors]
     for num_splits in (1, 3):
         out = mla_decode_triton(
-            q_latent, q_pe, *args, case.softmax_scale, num_splits=num_splits, config=config
-        )
+            *tensors, case.softmax_scale, num_splits=num_splits, config=config
+        ).cpu()
         assert relative_error(case.up_project(out), case.expected()) <= 1e-5
 
 
@@ -288,10 +291,13 @@ def test_fp8_cache_close_to_bf16(group_size):
     assert relative_error(fp8_out, reference) <= TOLERANCE[torch.bfloat16]
 
 
-def test_fp8_prefetch_and_pipelined_loops_agree():
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_fp8_tile_handlings_agree(group_size):
+    """The fp8 tile dequantized in registers (register prefetch or the pipeliner's loop) and the
+    grouped dots that apply the scales to scores and weights: the same attention."""
     dims = Dims(latent=128)
     case = make_case(seed=10, seq_lens=[70, 21], q_len=1, dims=dims)
-    latent_fp8, latent_scale = fp8_cache(case, 128)
+    latent_fp8, latent_scale = fp8_cache(case, group_size)
     args = (
         case.q_latent.float(),
         case.q_pe.float(),
@@ -303,11 +309,16 @@ def test_fp8_prefetch_and_pipelined_loops_agree():
         latent_scale,
         2,
     )
+    on_device = [t.to(KERNEL_DEVICE) if isinstance(t, torch.Tensor) else t for t in args]
     outputs = [
-        mla_decode_triton(*args, config=DecodeConfig(16, 16, 4, 1, prefetch=prefetch))
-        for prefetch in (False, True)
+        mla_decode_triton(
+            *on_device,
+            config=DecodeConfig(16, 16, 4, 1, prefetch=prefetch, fp8_grouped_dots=grouped),
+        ).cpu()
+        for prefetch, grouped in ((False, False), (True, False), (False, True), (True, True))
     ]
-    torch.testing.assert_close(outputs[0], outputs[1])
+    for out in outputs[1:]:
+        torch.testing.assert_close(out, outputs[0])
     reference = mla_decode_reference(*args[:-1])
     assert relative_error(outputs[0], reference) <= 1e-5
 
@@ -353,6 +364,36 @@ def test_default_num_splits():
     # Never below one wave, never below 256 tokens per split.
     assert splits(1, 16, 65536, 512, bf16_token, 16, 132) == 132
     assert splits(1, 16, 300, 512, bf16_token, 16, 132) == 1
+    # A target below one program per SM: fewer, longer splits (a quarter wave).
+    assert splits(1, 16, 65536, 512, bf16_token, 16, 132, programs_per_sm=0.25) == 33
+    # 8 per SM would be 9 splits; the partials' traffic cap (10% of 4096 tokens) allows 7.
+    assert splits(128, 16, 4096, 512, bf16_token, 16, 132, programs_per_sm=8.0) == 7
+
+
+def test_default_config_reads_the_tuned_table(monkeypatch):
+    table = {
+        ("bf16", 16, False): DecodeConfig(16, 32, 8, 5, prefetch=False),
+        ("bf16", 16, True): DecodeConfig(16, 64, 4, 3, prefetch=False, programs_per_sm=0.25),
+        ("bf16", 64, False): DecodeConfig(64, 16, 8, 3, prefetch=False),
+        ("fp8", 16, False): DecodeConfig(16, 16, 4, 2, prefetch=False, fp8_grouped_dots=True),
+    }
+    monkeypatch.setattr(mla_decode_module, "TUNED_CONFIGS", table)
+    config = mla_decode_module.default_config
+    # (batch, n_rows, q dtype, fp8 cache, SMs): batch x head groups <= SMs / 8 is "few programs".
+    assert config(128, 16, torch.bfloat16, False, 132) == table["bf16", 16, False]
+    assert config(1, 16, torch.bfloat16, False, 132) == table["bf16", 16, True]
+    assert config(128, 128, torch.bfloat16, False, 132) == table["bf16", 64, False]
+    assert config(17, 16, torch.bfloat16, False, 132) == table["bf16", 16, False]
+    assert config(16, 16, torch.bfloat16, False, 132) == table["bf16", 16, True]
+    # 128 sequences x 2 groups of 64 rows: many programs; 1 x 2 is few, without an entry: the
+    # nearest block_h first (register budgets depend on it), then the program count.
+    assert config(1, 128, torch.bfloat16, False, 132) == table["bf16", 64, False]
+    # No fp8 entry for few programs: the fp8 one of the other count, with this call's block_h.
+    assert config(1, 32, torch.bfloat16, True, 132) == DecodeConfig(
+        32, 16, 4, 2, prefetch=False, fp8_grouped_dots=True
+    )
+    # fp32 (tests): small tiles whatever the table says.
+    assert config(1, 16, torch.float32, False, 132).block_n == 16
 
 
 def test_cpu_branch_follows_triton_interpret():
@@ -436,7 +477,6 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
     """
     import re, subprocess, sys, tempfile
     from pathlib import Path
-    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -445,8 +485,9 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
     kernel = m._mla_decode_split_kernel
     ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
     failures = []
-    for n_rows, fp8 in ((16, False), (16, True), (128, False), (128, True)):
-        config = m.default_config(n_rows, torch.bfloat16, fp8)
+    # Every distinct entry of the table (keys differing in program count often share one).
+    for kind, config in sorted({(key[0], c) for key, c in m.TUNED_CONFIGS.items()}, key=repr):
+        fp8 = kind == "fp8"
         signature = {name: "i32" for name in kernel.arg_names}
         for name in kernel.arg_names:
             if name.endswith("_ptr"):
@@ -456,7 +497,9 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
         if fp8:
             signature.update(latent_cache_ptr="*fp8e4nv", latent_scale_ptr="*fp32")
         constants = dict(SINGLE_SPLIT=False, PAGE_SIZE=64, LATENT_DIM=512, ROPE_DIM=64,
-                         SCALE_GROUPS=4 if fp8 else 0, BLOCK_H=config.block_h,
+                         SCALE_GROUPS=4 if fp8 else 0,
+                         GROUP_LAYOUT=4 if fp8 and config.fp8_grouped_dots else 0,
+                         BLOCK_H=config.block_h,
                          BLOCK_N=config.block_n, FP32_DOTS=False,
                          PREFETCH=config.prefetch, USE_FOR_LOOP=True)
         signature.update({name: "constexpr" for name in constants})
@@ -471,9 +514,9 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
         report = subprocess.run([str(ptxas), "-v", "--gpu-name=sm_90a", str(ptx), "-o",
                                  "/dev/null"], capture_output=True, text=True, check=True).stderr
         registers = re.search(r"Used \\d+ registers", report).group(0)
-        print(n_rows, fp8, config, f"smem {compiled.metadata.shared}", registers)
+        print(kind, config, f"smem {compiled.metadata.shared}", registers)
         if " 0 bytes spill stores" not in report:
-            failures.append((n_rows, fp8, report))
+            failures.append((kind, config, report))
     combine = ASTSource(m._mla_decode_combine_kernel,
                         dict(partial_out_ptr="*fp32", partial_lse_ptr="*fp32", out_ptr="*bf16",
                              NUM_SPLITS="constexpr", LATENT_DIM="constexpr",
@@ -535,6 +578,31 @@ def test_cuda_1b_shapes(dims, q_len):
         assert relative_error(fp8_out, out) <= FP8_TOLERANCE
         fp8_reference = mla_decode_reference(q_latent, q_pe, latent_fp8, *args, latent_scale)
         assert relative_error(fp8_out, fp8_reference) <= TOLERANCE[torch.bfloat16]
+
+
+@requires_cuda
+@pytest.mark.parametrize("group_size", [128, 512])
+def test_cuda_fp8_grouped_dots(group_size):
+    """The grouped-dots fp8 path (3-d dots, a --tune candidate at 16 heads) at the 1B shapes."""
+    dims = GPU_DIMS[0]
+    seq_lens = [1, 64, 1000, 2049, 513]
+    case = to_cuda(make_case(seed=18, seq_lens=seq_lens, q_len=1, dims=dims, dtype=torch.bfloat16))
+    latent_fp8, latent_scale = fp8_cache(case, group_size)
+    args = (
+        case.q_latent.bfloat16().cuda(),
+        case.q_pe.bfloat16().cuda(),
+        latent_fp8,
+        case.k_pe_cache,
+        case.block_table,
+        case.seq_lens,
+        case.softmax_scale,
+        latent_scale,
+    )
+    config = DecodeConfig(16, 16, 4, 2, prefetch=False, fp8_grouped_dots=True)
+    for num_splits in (1, 7):
+        out = mla_decode_triton(*args, num_splits=num_splits, config=config)
+        assert not out.isnan().any()
+        assert relative_error(out, mla_decode_reference(*args)) <= TOLERANCE[torch.bfloat16]
 
 
 @requires_cuda

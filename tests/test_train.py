@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 from expecttest import assert_expected_inline
-from helpers import run_train
-
-from titan_mla.data import builtin_documents
+from helpers import exact_length_documents, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -27,29 +24,6 @@ def test_debug_training_loss_falls_on_default_corpus(tmp_path):
     assert last < 0.7 * losses[1], losses
 
 
-def exact_length_documents(n_docs: int, n_tokens: int) -> list[str]:
-    """Documents that each encode (with BOS and EOS) to exactly n_tokens tokens, so every training
-    window of n_tokens is one document and each rank's shard is a known set of windows."""
-    from tokenizers import Tokenizer
-
-    from titan_mla.data.tokenizer import TOKENIZER_DIR
-
-    tokenizer = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))
-    words = sorted({w for doc in builtin_documents() for w in doc.split() if w.isalpha()})
-    word_len = {w: len(tokenizer.encode(" " + w).ids) for w in words}
-    rng = random.Random(0)
-    docs = []
-    for _ in range(n_docs):
-        text, count = "", 2  # BOS, EOS
-        while count < n_tokens:
-            word = rng.choice(words)
-            if count + word_len[word] <= n_tokens:
-                text, count = text + " " + word, count + word_len[word]
-        assert len(tokenizer.encode(text).ids) + 2 == n_tokens
-        docs.append(text)
-    return docs
-
-
 @pytest.fixture(scope="module")
 def seed_checkpoint(tmp_path_factory) -> Path:
     """Step-0 weights every run below starts from (sharded and unsharded runs alike)."""
@@ -64,32 +38,54 @@ def seed_checkpoint(tmp_path_factory) -> Path:
     return folder / "checkpoint" / "step-0"
 
 
-def test_fsdp_two_ranks_match_one_rank(tmp_path, seed_checkpoint):
-    seq_len = 64
-    data = tmp_path / "docs.jsonl"
-    data.write_text(
-        "".join(json.dumps({"text": t}) + "\n" for t in exact_length_documents(8, seq_len + 1))
-    )
+SHARDED_SEQ_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def sharding_job(tmp_path_factory, seed_checkpoint) -> tuple[tuple[str, ...], dict[int, float]]:
+    """(the overrides of a 5-step job on 8 exact windows from the seed weights, its one-rank losses):
+    the reference every multi-rank layout must reproduce."""
+    folder = tmp_path_factory.mktemp("sharding")
+    data = folder / "docs.jsonl"
+    docs = exact_length_documents(8, SHARDED_SEQ_LEN + 1)
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     common = (
         f"--training.dataset_path={data}",
-        f"--training.seq_len={seq_len}",
+        f"--training.seq_len={SHARDED_SEQ_LEN}",
         "--training.steps=5",
         "--checkpoint.enable",
         f"--checkpoint.initial_load_path={seed_checkpoint}",
         "--checkpoint.interval=1000",
     )
-    # One rank sees windows 0-7; with two ranks, rank 0 sees 0-3 and rank 1 sees 4-7: the same global batch.
-    code_1, losses_1, out_1 = run_train(tmp_path / "one", *common, "--training.local_batch_size=8")
-    code_2, losses_2, out_2 = run_train(
-        tmp_path / "two", *common, "--training.local_batch_size=4", ngpu=2
+    code, losses, out = run_train(folder / "one", *common, "--training.local_batch_size=8")
+    assert_trained(code, out)
+    assert "Applied FSDP2" not in out and "Applied tensor parallel" not in out
+    assert sorted(losses) == [1, 2, 3, 4, 5]
+    assert losses[5] < losses[1]
+    return common, losses
+
+
+@pytest.mark.parametrize(
+    ("parallelism", "local_batch_size", "applied"),
+    [
+        # One rank sees windows 0-7; with two FSDP ranks rank 0 sees 0-3 and rank 1 sees 4-7: the same
+        # global batch.
+        ("--parallelism.data_parallel_shard_degree=2", 4, "Applied FSDP2"),
+        # Both TP ranks see windows 0-7 and split the heads, the FFN and the vocabulary.
+        ("--parallelism.tensor_parallel_degree=2", 8, "Applied tensor parallel (degree 2)"),
+    ],
+    ids=["fsdp", "tp"],
+)
+def test_two_ranks_match_one_rank(tmp_path, sharding_job, parallelism, local_batch_size, applied):
+    common, losses_1 = sharding_job
+    code, losses_2, out = run_train(
+        tmp_path, *common, parallelism, f"--training.local_batch_size={local_batch_size}", ngpu=2
     )
-    assert_trained(code_1, out_1)
-    assert_trained(code_2, out_2)
-    assert "Applied FSDP2" in out_2 and "Applied FSDP2" not in out_1
-    assert sorted(losses_1) == sorted(losses_2) == [1, 2, 3, 4, 5]
+    assert_trained(code, out)
+    assert applied in out
+    assert sorted(losses_2) == [1, 2, 3, 4, 5]
     for step, loss in losses_1.items():
         assert losses_2[step] == pytest.approx(loss, rel=1e-4), (step, losses_1, losses_2)
-    assert losses_1[5] < losses_1[1]
 
 
 def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, seed_checkpoint):

@@ -21,6 +21,31 @@ class Model:
 
 
 @dataclass
+class Needles:
+    """The needle-in-a-haystack samples of the ``passkey`` / ``niah_*`` datasets (titan_mla.longctx)."""
+
+    haystack: Literal["repeat", "corpus", "noise"] = "repeat"
+    value_digits: int = 5
+    distractors: int = 3
+    """Other keys' needles in ``niah_multikey``."""
+    values: int = 2
+    """Needles asked for in ``niah_multivalue`` / ``niah_multiquery``."""
+    answer_only_loss: bool = True
+    """Supervised loss on the answer tokens only; false: on the whole prompt and answer."""
+
+
+@dataclass
+class DPO:
+    """Direct Preference Optimization against a frozen copy of the starting weights."""
+
+    enable: bool = False
+    """Train with the DPO loss; needs a ``*_dpo`` dataset (chosen/rejected answer pairs)."""
+    beta: float = 0.1
+
+
+@dataclass
 class JobConfig:
     model: Model = field(default_factory=Model)
     mlflow: MLflow = field(default_factory=MLflow)
+    needles: Needles = field(default_factory=Needles)
+    dpo: DPO = field(default_factory=DPO)

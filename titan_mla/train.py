@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import titan_mla  # first: picks the device, registers the TrainSpec and datasets)
-from titan_mla.data import BUILTIN_CORPUS
+from titan_mla.data import BUILTIN_CORPORA
 
 
 def check_job_config(job_config) -> None:
@@ -32,23 +32,40 @@ def check_job_config(job_config) -> None:
         raise ValueError(
             f"unknown training.dataset '{training.dataset}'; registered: {sorted(DATASETS)}"
         )
+    dpo = getattr(getattr(job_config, "dpo", None), "enable", False)
+    if dpo != training.dataset.endswith("_dpo"):
+        raise ValueError(
+            f"dpo.enable={dpo} needs a {'' if dpo else 'non-'}DPO dataset (a '*_dpo' name), "
+            f"not training.dataset '{training.dataset}'"
+        )
     path = training.dataset_path
-    if path and path != BUILTIN_CORPUS and not Path(path).expanduser().exists():
+    if path and path not in BUILTIN_CORPORA and not Path(path).expanduser().exists():
         raise ValueError(f"training.dataset_path '{path}' does not exist")
+
+
+def trainer_class(job_config) -> type:
+    """torchtitan's Trainer, or titan_mla.longctx's DPOTrainer when ``dpo.enable`` is set."""
+    from torchtitan.train import Trainer
+
+    if getattr(getattr(job_config, "dpo", None), "enable", False):
+        from titan_mla.longctx.dpo import DPOTrainer
+
+        return DPOTrainer
+    return Trainer
 
 
 def main() -> None:
     from torchtitan.config import ConfigManager
-    from torchtitan.train import Trainer
     from torchtitan.train import main as torchtitan_main
 
     import titan_mla.tensorboard  # noqa: F401  (profiler traces TensorBoard's plugin reads, CPU profiling)
 
     try:
-        check_job_config(ConfigManager().parse_args())
+        job_config = ConfigManager().parse_args()
+        check_job_config(job_config)
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"titan_mla: error: {err}")
-    torchtitan_main(Trainer)
+    torchtitan_main(trainer_class(job_config))
 
 
 if __name__ == "__main__":

@@ -161,6 +161,7 @@ def _rename(
 
 def hf_config(args: MLAModelArgs, bos_token_id: int | None, eos_token_id: int | None) -> dict:
     """The DeepseekV3Config (as config.json content) of a model with these arguments."""
+    args.require_mla("export to Hugging Face DeepseekV3")
     if args.norm_eps != HF_LATENT_NORM_EPS:
         raise ValueError(
             f"norm_eps={args.norm_eps} cannot be exported: transformers' DeepseekV3 normalizes the "

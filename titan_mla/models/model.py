@@ -1,5 +1,8 @@
 """The MLA transformer: a dense decoder with DeepSeek-V3 Multi-Head Latent Attention.
 
+``MLAModelArgs.attention`` = "mha" / "gqa" builds the same decoder with plain grouped-query attention
+instead, the baselines the latent ablation (titan_mla.ablate_latent) compares MLA against.
+
 The model knows nothing of parallelism; titan_mla.parallelisms applies TP, CP, activation
 checkpointing, compile and FSDP from outside, torchtitan style.
 """
@@ -15,7 +18,7 @@ from torchtitan.protocols.train_spec import ModelProtocol
 
 from ..ops import RMSNorm, mla_rope, mla_rope_reference
 from .args import MLAModelArgs
-from .rope import rope_cos_sin
+from .rope import apply_rope, rope_cos_sin
 
 # cuDNN takes MLA's unequal qk (192) / v (128) head dims on Hopper; FLASH refuses them and EFFICIENT
 # is ~9x slower but correct. MATH is left out on GPU so that a slow path is an error, never silent.
@@ -35,8 +38,12 @@ class CausalSDPA(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     ) -> torch.Tensor:
         backends = _CPU_SDPA_BACKENDS if q.device.type == "cpu" else _GPU_SDPA_BACKENDS
+        # Fewer key/value heads than query heads (GQA): each serves n_heads // n_kv_heads queries.
+        enable_gqa = k.shape[1] != q.shape[1]
         with sdpa_kernel(backends, set_priority=True):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa
+            )
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -106,6 +113,44 @@ class MultiHeadLatentAttention(nn.Module):
             self.q_norm.reset_parameters()
 
 
+class GroupedQueryAttention(nn.Module):
+    """Plain attention with n_kv_heads key/value heads shared by groups of the n_heads query heads
+    (MHA: n_kv_heads = n_heads), rotary embedding over the whole head. Its cache holds k and v of
+    every head: 2 x n_kv_heads x head_dim values per token and layer."""
+
+    def __init__(self, args: MLAModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.softmax_scale = args.softmax_scale
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        self.sdpa = CausalSDPA()
+
+    def project(
+        self, x: torch.Tensor, rope_cache: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries (batch, seq, n_heads, head_dim), and what a KV cache holds per token:
+        rotated keys and values (batch, seq, n_kv_heads, head_dim)."""
+        q = self.wq(x).unflatten(-1, (-1, self.head_dim))
+        k = self.wk(x).unflatten(-1, (-1, self.head_dim))
+        v = self.wv(x).unflatten(-1, (-1, self.head_dim))
+        return apply_rope(q, rope_cache, positions), apply_rope(k, rope_cache, positions), v
+
+    def forward(
+        self, x: torch.Tensor, rope_cache: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        q, k, v = (t.transpose(1, 2) for t in self.project(x, rope_cache, positions))
+        out = self.sdpa(q, k, v, scale=self.softmax_scale)
+        return self.wo(out.transpose(1, 2).flatten(2))
+
+    def init_weights(self, out_std: float) -> None:
+        for linear in (self.wq, self.wk, self.wv):
+            trunc_normal_(linear.weight, mean=0.0, std=0.02)
+        trunc_normal_(self.wo.weight, mean=0.0, std=out_std)
+
+
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
@@ -126,7 +171,11 @@ class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: MLAModelArgs):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps, args.kernels)
-        self.attention = MultiHeadLatentAttention(args)
+        self.attention = (
+            MultiHeadLatentAttention(args)
+            if args.attention == "mla"
+            else GroupedQueryAttention(args)
+        )
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, args.kernels)
         self.feed_forward = SwiGLU(args.dim, args.ffn_hidden_dim)
         # Depth-scaled init of the residual-branch outputs, as torchtitan's models do.

@@ -21,12 +21,12 @@ def yarn_correction_dim(
 
 
 def rope_inv_freq(args: MLAModelArgs) -> torch.Tensor:
-    """Inverse frequencies (qk_rope_head_dim // 2,) in float32; YaRN-interpolated when rope_factor > 1.
+    """Inverse frequencies (rope_head_dim // 2,) in float32; YaRN-interpolated when rope_factor > 1.
 
     YaRN keeps high frequencies (more than beta_fast rotations over the original context) as they are,
     divides low frequencies (fewer than beta_slow rotations) by rope_factor, and ramps linearly between.
     """
-    dim, base = args.qk_rope_head_dim, args.rope_theta
+    dim, base = args.rope_head_dim, args.rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     if args.yarn_enabled:
         low = max(
@@ -43,7 +43,7 @@ def rope_inv_freq(args: MLAModelArgs) -> torch.Tensor:
 
 
 def rope_cos_sin(args: MLAModelArgs, device: torch.device | str | None = None) -> torch.Tensor:
-    """(max_seq_len, qk_rope_head_dim) float32 table: cos of every angle, then sin."""
+    """(max_seq_len, rope_head_dim) float32 table: cos of every angle, then sin."""
     inv_freq = rope_inv_freq(args).to(device)
     angles = torch.outer(
         torch.arange(args.max_seq_len, device=device, dtype=torch.float32), inv_freq

@@ -37,6 +37,11 @@ cache reads too): every latent row is loaded once per program and used twice, as
 Launch shapes depend only on tensor shapes (num_splits is a Python int), so a call can be captured
 in a CUDA graph; splits past a sequence's end find no tokens and write an empty partial.
 
+Launch parameters (DecodeConfig: rows per program, tile size, warps, stages, register prefetch,
+the split heuristic's programs per SM, the fp8 scale handling) come from the TUNED_CONFIGS table,
+which ``benchmarks/bench_mla_decode.py --tune`` measures and prints; ``mla_decode_triton`` takes
+any DecodeConfig, for tuning.
+
 Device branch as in titan_mla.ops.rmsnorm: CUDA runs the kernels, CPU the PyTorch reference, except
 eager calls on real CPU tensors under TRITON_INTERPRET=1, which run the kernels in the interpreter.
 """
@@ -45,7 +50,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -58,10 +63,9 @@ FP8_E4M3_MAX = 448.0
 DEFAULT_FP8_GROUP_SIZE = 128
 MAX_Q_LEN = 4
 
-# Splits heuristic: aim at this many programs per SM, with at least this many tokens per split,
-# and keep the partial outputs' traffic (written and read back in fp32) at most this fraction of
-# the cache bytes read.
-_PROGRAMS_PER_SM = 4
+# Splits heuristic (the programs per SM it aims at are in DecodeConfig): at least this many
+# tokens per split, and keep the partial outputs' traffic (written and read back in fp32) at most
+# this fraction of the cache bytes read.
 _MIN_TOKENS_PER_SPLIT = 256
 _MAX_PARTIAL_TRAFFIC = 0.1
 # Stands in for the SM count under the interpreter: few programs keep CPU tests fast.
@@ -78,6 +82,33 @@ def _dot(a, b, acc, FP32_DOTS: tl.constexpr):
     if FP32_DOTS:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _row_offsets(row_offsets, LATENT_DIM: tl.constexpr, GROUPS: tl.constexpr):
+    """Element offsets of latent rows starting at ``row_offsets``: (rows, LATENT_DIM), or with
+    GROUPS > 0 the grouped layout (GROUPS, rows, LATENT_DIM // GROUPS) of the fp8 grouped-dots
+    path, one scale group per batch entry of its dots."""
+    if GROUPS > 0:
+        GROUP_SIZE: tl.constexpr = LATENT_DIM // GROUPS
+        group_cols = (tl.arange(0, GROUPS) * GROUP_SIZE)[:, None, None] + tl.arange(0, GROUP_SIZE)[
+            None, None, :
+        ]
+        offsets = row_offsets[None, :, None] + group_cols
+    else:
+        offsets = row_offsets[:, None] + tl.arange(0, LATENT_DIM)[None, :]
+    return offsets
+
+
+@triton.jit
+def _per_row(values, GROUPS: tl.constexpr):
+    """A per-row vector broadcastable against _row_offsets' layout."""
+    # A statement, not a ternary: Triton treats a ternary's condition as dynamic.
+    if GROUPS > 0:  # noqa: SIM108
+        broadcastable = values[None, :, None]
+    else:
+        broadcastable = values[:, None]
+    return broadcastable
 
 
 @triton.jit
@@ -98,12 +129,15 @@ def _load_tile(
     LATENT_DIM: tl.constexpr,
     ROPE_DIM: tl.constexpr,
     SCALE_GROUPS: tl.constexpr,
+    GROUP_LAYOUT: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """Raw cache rows of the tokens [tile_begin, tile_begin + BLOCK_N) below split_end:
-    (latent (BLOCK_N, LATENT_DIM), scales (BLOCK_N, SCALE_GROUPS or 1), k_pe (BLOCK_N, ROPE_DIM)),
-    zeros past split_end. Nothing past split_end is read: unused pages may hold NaN and table
-    entries past a sequence's pages may be garbage ids."""
+    (latent, scales, k_pe (BLOCK_N, ROPE_DIM)), zeros past split_end. The latent is
+    (BLOCK_N, LATENT_DIM) with fp8 scales (BLOCK_N, SCALE_GROUPS), or in the grouped layout
+    (GROUP_LAYOUT > 0) (SCALE_GROUPS, BLOCK_N, group size) with scales (SCALE_GROUPS, BLOCK_N);
+    scales are a (1, BLOCK_N) placeholder for a bf16/fp32 cache. Nothing past split_end is
+    read: unused pages may hold NaN and table entries past a sequence's pages may be garbage."""
     positions = tile_begin + tl.arange(0, BLOCK_N)
     in_split = positions < split_end
     if PAGE_SIZE % BLOCK_N == 0:
@@ -115,23 +149,31 @@ def _load_tile(
         pages = pages.to(tl.int64)
     slots = positions % PAGE_SIZE
 
-    latent_rows = latent_cache_ptr + pages * latent_stride_page + slots * latent_stride_token
+    latent_rows = pages * latent_stride_page + slots * latent_stride_token
     latent = tl.load(
-        latent_rows[:, None] + tl.arange(0, LATENT_DIM)[None, :], mask=in_split[:, None], other=0.0
+        latent_cache_ptr + _row_offsets(latent_rows, LATENT_DIM, GROUP_LAYOUT),
+        mask=_per_row(in_split, GROUP_LAYOUT),
+        other=0.0,
     )
     k_pe_rows = k_pe_cache_ptr + pages * k_pe_stride_page + slots * k_pe_stride_token
     k_pe = tl.load(
         k_pe_rows[:, None] + tl.arange(0, ROPE_DIM)[None, :], mask=in_split[:, None], other=0.0
     )
-    if SCALE_GROUPS > 0:
-        scale_rows = latent_scale_ptr + pages * scale_stride_page + slots * scale_stride_token
+    scale_rows = latent_scale_ptr + pages * scale_stride_page + slots * scale_stride_token
+    if GROUP_LAYOUT > 0:
+        scales = tl.load(
+            scale_rows[None, :] + tl.arange(0, SCALE_GROUPS)[:, None],
+            mask=in_split[None, :],
+            other=0.0,
+        )
+    elif SCALE_GROUPS > 0:
         scales = tl.load(
             scale_rows[:, None] + tl.arange(0, SCALE_GROUPS)[None, :],
             mask=in_split[:, None],
             other=0.0,
         )
     else:
-        scales = tl.zeros((BLOCK_N, 1), tl.float32)
+        scales = tl.zeros((1, BLOCK_N), tl.float32)
     return latent, scales, k_pe
 
 
@@ -149,23 +191,38 @@ def _attend_tile(
     denominator,
     acc,
     softmax_scale_log2,
-    LATENT_DIM: tl.constexpr,
     SCALE_GROUPS: tl.constexpr,
+    GROUP_LAYOUT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     FP32_DOTS: tl.constexpr,
 ):
     """Online-softmax update of (max_score, denominator, acc) with the tile of _load_tile at
-    tile_begin; scores in base 2."""
-    if SCALE_GROUPS > 0:
-        grouped = tl.reshape(
-            latent.to(tl.float32), (BLOCK_N, SCALE_GROUPS, LATENT_DIM // SCALE_GROUPS)
-        )
-        latent = tl.reshape(grouped * scales[:, :, None], (BLOCK_N, LATENT_DIM))
-    latent = latent.to(q_latent.dtype)
+    tile_begin; scores in base 2.
 
-    scores = tl.zeros((q_latent.shape[0], BLOCK_N), tl.float32)
-    scores = _dot(q_latent, tl.trans(latent), scores, FP32_DOTS)
-    scores = _dot(q_pe, tl.trans(k_pe.to(q_pe.dtype)), scores, FP32_DOTS)
+    An fp8 tile, two ways. Grouped dots (GROUP_LAYOUT > 0): the tile is never dequantized element
+    by element, only converted to q's dtype (exact: every e4m3 value is a bf16/fp16 value); its
+    scales, one per (group, token), go to the small operands instead: each group's partial scores
+    are scaled before they are summed, and the softmax weights are scaled per group before the
+    value product, both batched over groups (3-d dots: no wgmma, more registers). Otherwise the
+    tile is dequantized in registers (fp32 products rounded to q's dtype) for 2-d dots.
+    """
+    dot_dtype: tl.constexpr = q_pe.dtype
+    if GROUP_LAYOUT == 0 and SCALE_GROUPS > 0:
+        latent_dim: tl.constexpr = latent.shape[1]
+        grouped = tl.reshape(
+            latent.to(tl.float32), (BLOCK_N, SCALE_GROUPS, latent_dim // SCALE_GROUPS)
+        )
+        latent = tl.reshape(grouped * scales[:, :, None], (BLOCK_N, latent_dim))
+    latent = latent.to(dot_dtype)
+    scores = tl.zeros((q_pe.shape[0], BLOCK_N), tl.float32)
+    if GROUP_LAYOUT > 0:
+        # (groups, rows, group size) @ (groups, group size, tokens) -> per-group scores.
+        group_scores = tl.zeros((SCALE_GROUPS, q_pe.shape[0], BLOCK_N), tl.float32)
+        group_scores = _dot(q_latent, tl.permute(latent, (0, 2, 1)), group_scores, FP32_DOTS)
+        scores += tl.sum(group_scores * scales[:, None, :], axis=0)
+    else:
+        scores = _dot(q_latent, tl.trans(latent), scores, FP32_DOTS)
+    scores = _dot(q_pe, tl.trans(k_pe.to(dot_dtype)), scores, FP32_DOTS)
     positions = tile_begin + tl.arange(0, BLOCK_N)
     visible = (positions[None, :] <= row_limit[:, None]) & (positions < split_end)[None, :]
     scores = tl.where(visible, scores * softmax_scale_log2, -float("inf"))
@@ -175,7 +232,12 @@ def _attend_tile(
     alpha = tl.exp2(max_score - new_max)
     p = tl.exp2(scores - new_max[:, None])
     denominator = denominator * alpha + tl.sum(p, axis=1)
-    acc = _dot(p.to(latent.dtype), latent, acc * alpha[:, None], FP32_DOTS)
+    acc = acc * _per_row(alpha, GROUP_LAYOUT)
+    if GROUP_LAYOUT > 0:
+        scaled_p = (p[None, :, :] * scales[:, None, :]).to(dot_dtype)
+        acc = _dot(scaled_p, latent, acc, FP32_DOTS)
+    else:
+        acc = _dot(p.to(dot_dtype), latent, acc, FP32_DOTS)
     return new_max, denominator, acc
 
 
@@ -207,6 +269,7 @@ def _decode_step(
     LATENT_DIM: tl.constexpr,
     ROPE_DIM: tl.constexpr,
     SCALE_GROUPS: tl.constexpr,
+    GROUP_LAYOUT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     FP32_DOTS: tl.constexpr,
     PREFETCH: tl.constexpr,
@@ -242,6 +305,7 @@ def _decode_step(
         LATENT_DIM,
         ROPE_DIM,
         SCALE_GROUPS,
+        GROUP_LAYOUT,
         BLOCK_N,
     )
     if not PREFETCH:
@@ -259,8 +323,8 @@ def _decode_step(
         denominator,
         acc,
         softmax_scale_log2,
-        LATENT_DIM,
         SCALE_GROUPS,
+        GROUP_LAYOUT,
         BLOCK_N,
         FP32_DOTS,
     )
@@ -300,6 +364,7 @@ def _mla_decode_split_kernel(
     LATENT_DIM: tl.constexpr,
     ROPE_DIM: tl.constexpr,
     SCALE_GROUPS: tl.constexpr,
+    GROUP_LAYOUT: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     FP32_DOTS: tl.constexpr,
@@ -328,14 +393,13 @@ def _mla_decode_split_kernel(
     split_end = tl.minimum(split_begin + tokens_per_split, seq_len)
 
     batch64 = batch.to(tl.int64)
-    latent_cols = tl.arange(0, LATENT_DIM)
     rope_cols = tl.arange(0, ROPE_DIM)
+    q_latent_rows = query * q_latent_stride_seq + head * q_latent_stride_head
     q_latent = tl.load(
         q_latent_ptr
         + batch64 * q_latent_stride_batch
-        + (query * q_latent_stride_seq + head * q_latent_stride_head)[:, None]
-        + latent_cols[None, :],
-        mask=row_mask[:, None],
+        + _row_offsets(q_latent_rows, LATENT_DIM, GROUP_LAYOUT),
+        mask=_per_row(row_mask, GROUP_LAYOUT),
         other=0.0,
     )
     q_pe = tl.load(
@@ -349,7 +413,10 @@ def _mla_decode_split_kernel(
 
     max_score = tl.full((BLOCK_H,), -1.0e30, tl.float32)
     denominator = tl.zeros((BLOCK_H,), tl.float32)
-    acc = tl.zeros((BLOCK_H, LATENT_DIM), tl.float32)
+    if GROUP_LAYOUT > 0:
+        acc = tl.zeros((GROUP_LAYOUT, BLOCK_H, LATENT_DIM // GROUP_LAYOUT), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_H, LATENT_DIM), tl.float32)
     block_table_row_ptr = block_table_ptr + batch64 * block_table_stride_batch
     latent, scales, k_pe = _load_tile(
         split_begin,
@@ -368,6 +435,7 @@ def _mla_decode_split_kernel(
         LATENT_DIM,
         ROPE_DIM,
         SCALE_GROUPS,
+        GROUP_LAYOUT,
         BLOCK_N,
     )
     # A for loop on the GPU, where Triton software-pipelines for loops only; a while loop in the
@@ -401,6 +469,7 @@ def _mla_decode_split_kernel(
                 LATENT_DIM,
                 ROPE_DIM,
                 SCALE_GROUPS,
+                GROUP_LAYOUT,
                 BLOCK_N,
                 FP32_DOTS,
                 PREFETCH,
@@ -435,6 +504,7 @@ def _mla_decode_split_kernel(
                 LATENT_DIM,
                 ROPE_DIM,
                 SCALE_GROUPS,
+                GROUP_LAYOUT,
                 BLOCK_N,
                 FP32_DOTS,
                 PREFETCH,
@@ -443,13 +513,14 @@ def _mla_decode_split_kernel(
 
     # A row that saw no token has denominator 0: output 0 and lse -inf (log2(0)).
     has_tokens = denominator > 0.0
-    out = acc / tl.where(has_tokens, denominator, 1.0)[:, None]
+    out = acc / _per_row(tl.where(has_tokens, denominator, 1.0), GROUP_LAYOUT)
     out_rows = batch64 * n_rows + rows
+    out_mask = _per_row(row_mask, GROUP_LAYOUT)
     if SINGLE_SPLIT:
         tl.store(
-            out_ptr + out_rows[:, None] * LATENT_DIM + latent_cols[None, :],
+            out_ptr + _row_offsets(out_rows * LATENT_DIM, LATENT_DIM, GROUP_LAYOUT),
             out.to(out_ptr.dtype.element_ty),
-            mask=row_mask[:, None],
+            mask=out_mask,
         )
     else:
         partial_rows = out_rows * num_splits + split
@@ -458,9 +529,9 @@ def _mla_decode_split_kernel(
         )
         tl.store(partial_lse_ptr + partial_rows, lse, mask=row_mask)
         tl.store(
-            partial_out_ptr + partial_rows[:, None] * LATENT_DIM + latent_cols[None, :],
+            partial_out_ptr + _row_offsets(partial_rows * LATENT_DIM, LATENT_DIM, GROUP_LAYOUT),
             out,
-            mask=row_mask[:, None],
+            mask=out_mask,
         )
 
 
@@ -508,13 +579,15 @@ def _mla_decode_combine_kernel(
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Launch parameters of the split kernel (the tunables).
+    """Launch parameters of the split kernel and the split heuristic (the tunables).
 
     block_h: query rows (q_len x heads) per program, a power of 2 >= 16 (tl.dot's minimum M).
     block_n: tokens per tile, a power of 2 >= 16; when it divides the page size a tile reads one
     page-table entry. prefetch: load the next tile into registers while attending to the current
     one (see _decode_step), else leave the loads to Triton's pipeliner. num_warps, num_stages: as
-    in any Triton launch.
+    in any Triton launch. fp8_grouped_dots: how an fp8 tile meets its scales (see _attend_tile).
+    programs_per_sm: the split heuristic's target of programs per SM (see
+    default_num_splits); below 1 it gives long single sequences fewer, longer splits.
     """
 
     block_h: int
@@ -522,27 +595,52 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     prefetch: bool
+    programs_per_sm: float = 4.0
+    fp8_grouped_dots: bool = False
 
 
-def default_config(n_rows: int, q_dtype: torch.dtype, fp8_cache: bool) -> DecodeConfig:
-    """Heuristic launch parameters for ``n_rows`` = q_len x heads query rows.
+# Tuned launch parameters, keyed by (cache kind, block_h, few programs), where "few programs" means
+# batch x head groups <= SM count / 8 (a few long sequences: the split count decides the speed).
+# `python benchmarks/bench_mla_decode.py --tune` prints a replacement for this table. Checked by
+# compiling for sm_90 without register spills (tests/test_ops_mla_decode.py). Starting values
+# (H100 at 62b6ce8): a bf16 cache takes the pipeliner's cp.async double buffer (num_stages 5, as
+# the page-table load takes stages of its own); an fp8 cache prefetches in registers, except at
+# 64 rows, where that would spill.
+TUNED_CONFIGS: dict[tuple[str, int, bool], DecodeConfig] = {
+    ("bf16", 16, False): DecodeConfig(16, 32, 8, 5, prefetch=False),
+    ("bf16", 16, True): DecodeConfig(16, 32, 8, 5, prefetch=False),
+    ("bf16", 64, False): DecodeConfig(64, 32, 8, 5, prefetch=False),
+    ("fp8", 16, False): DecodeConfig(16, 32, 8, 1, prefetch=True),
+    ("fp8", 16, True): DecodeConfig(16, 32, 8, 1, prefetch=True),
+    ("fp8", 64, False): DecodeConfig(64, 32, 8, 2, prefetch=False),
+}
 
-    All rows of a sequence in one program when there are at most 64, so the cache is read once per
-    split; past 64, groups of 64 rows (128 heads: two programs per split, the second one mostly
-    reading from L2). Register and shared-memory budgets were checked by compiling for sm_90
-    (ptxas, no spills): a bf16 cache takes the pipeliner's cp.async double buffer (num_stages 5,
-    because the page-table load takes stages of its own); an fp8 cache, whose loads the pipeliner
-    does not take, prefetches in registers, except at 64 rows, where that would spill. fp32 (for
-    tests) takes small tiles that fit shared memory.
-    """
+
+def tuning_key(batch: int, n_rows: int, fp8_cache: bool, sm_count: int) -> tuple[str, int, bool]:
+    """The TUNED_CONFIGS key of a call: all rows of a sequence in one program up to 64, then
+    groups of 64 rows (128 heads: two programs per split, the second one mostly reading L2)."""
     block_h = min(64, max(16, triton.next_power_of_2(n_rows)))
+    few_programs = 8 * batch * triton.cdiv(n_rows, block_h) <= sm_count
+    return ("fp8" if fp8_cache else "bf16", block_h, few_programs)
+
+
+def default_config(
+    batch: int, n_rows: int, q_dtype: torch.dtype, fp8_cache: bool, sm_count: int
+) -> DecodeConfig:
+    """Launch parameters for ``batch`` sequences of ``n_rows`` = q_len x heads query rows: the
+    TUNED_CONFIGS entry of the call's key, else the tile shape of the same cache kind's entry with
+    the nearest block_h (register budgets depend on it; the smaller on a tie), preferring the
+    same program count, at this call's block_h. fp32 (for tests) takes small tiles that fit
+    shared memory."""
+    kind, block_h, few_programs = tuning_key(batch, n_rows, fp8_cache, sm_count)
     if q_dtype == torch.float32:
         return DecodeConfig(block_h, block_n=16, num_warps=8, num_stages=2, prefetch=False)
-    if not fp8_cache:
-        return DecodeConfig(block_h, block_n=32, num_warps=8, num_stages=5, prefetch=False)
-    if block_h < 64:
-        return DecodeConfig(block_h, block_n=32, num_warps=8, num_stages=1, prefetch=True)
-    return DecodeConfig(block_h, block_n=32, num_warps=8, num_stages=2, prefetch=False)
+    candidates = [key for key in TUNED_CONFIGS if key[0] == kind]
+    nearest = min(
+        candidates,
+        key=lambda key: (abs(math.log2(key[1] / block_h)), key[2] != few_programs, key[1]),
+    )
+    return replace(TUNED_CONFIGS[nearest], block_h=block_h)
 
 
 @functools.cache
@@ -558,20 +656,21 @@ def default_num_splits(
     cache_bytes_per_token: int,
     block_h: int,
     sm_count: int,
+    programs_per_sm: float = 4.0,
 ) -> int:
     """Splits per sequence from static shapes only (so the grid is fixed for CUDA graphs).
 
-    Enough programs for ``_PROGRAMS_PER_SM`` per SM (latency hiding and balance across sequences
+    Enough programs for ``programs_per_sm`` per SM (latency hiding and balance across sequences
     of different lengths), unless the fp32 partial outputs would cost more than
-    ``_MAX_PARTIAL_TRAFFIC`` of the cache bytes; never fewer than one wave of programs, never
-    fewer than ``_MIN_TOKENS_PER_SPLIT`` tokens of the longest context per split.
+    ``_MAX_PARTIAL_TRAFFIC`` of the cache bytes; never fewer than min(1, programs_per_sm) waves of
+    programs, never fewer than ``_MIN_TOKENS_PER_SPLIT`` tokens of the longest context per split.
     """
     programs = batch * triton.cdiv(n_rows, block_h)
-    splits = triton.cdiv(_PROGRAMS_PER_SM * sm_count, programs)
+    splits = math.ceil(programs_per_sm * sm_count / programs)
     partial_bytes_per_split = 2 * n_rows * latent_dim * 4
     cache_bytes = max_context * cache_bytes_per_token
     splits = min(splits, int(_MAX_PARTIAL_TRAFFIC * cache_bytes / partial_bytes_per_split))
-    splits = max(splits, triton.cdiv(sm_count, programs))
+    splits = max(splits, math.ceil(min(1.0, programs_per_sm) * sm_count / programs))
     return max(1, min(splits, max_context // _MIN_TOKENS_PER_SPLIT))
 
 
@@ -664,15 +763,15 @@ def mla_decode_triton(
     n_rows = q_len * n_heads
     fp8_cache = latent_scale is not None
     scale_groups = int(latent_scale.shape[-1]) if fp8_cache else 0
+    sm_count = (
+        _sm_count(q_latent.device.index)
+        if q_latent.device.type == "cuda"
+        else _INTERPRETER_SM_COUNT
+    )
     if config is None:
-        config = default_config(n_rows, q_latent.dtype, fp8_cache)
+        config = default_config(batch, n_rows, q_latent.dtype, fp8_cache, sm_count)
     if num_splits is None:
         latent_bytes = latent_dim * latent_cache.element_size() + 4 * scale_groups
-        sm_count = (
-            _sm_count(q_latent.device.index)
-            if q_latent.device.type == "cuda"
-            else _INTERPRETER_SM_COUNT
-        )
         num_splits = default_num_splits(
             batch,
             n_rows,
@@ -681,6 +780,7 @@ def mla_decode_triton(
             latent_bytes + rope_dim * k_pe_cache.element_size(),
             config.block_h,
             sm_count,
+            config.programs_per_sm,
         )
     if num_splits < 1:
         raise ValueError(f"num_splits {num_splits} < 1")
@@ -738,6 +838,7 @@ def mla_decode_triton(
         LATENT_DIM=latent_dim,
         ROPE_DIM=rope_dim,
         SCALE_GROUPS=scale_groups,
+        GROUP_LAYOUT=scale_groups if config.fp8_grouped_dots else 0,
         BLOCK_H=config.block_h,
         BLOCK_N=config.block_n,
         FP32_DOTS=q_latent.dtype == torch.float32 or q_latent.device.type == "cpu",

@@ -1,0 +1,257 @@
+"""Deployment quantization (titan_mla.quantization) and the FP8-vs-INT8 ablation runner
+(titan_mla.ablate) on CPU with small models: int8 schemes really quantize, stay close to the
+unquantized model through the training forward, the inference engine and torch.compile; unknown
+or unsupported schemes are clear errors; the runner writes its table, JSON, plot, TensorBoard
+scalars and one MLflow run per variant."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from expecttest import assert_expected_inline
+from helpers import REPO
+
+from titan_mla import ablate
+from titan_mla.inference import MLAEngine, PagedLatentCache
+from titan_mla.models import MLATransformer, mla_flavors
+from titan_mla.ops import dispatch
+from titan_mla.quantization import (
+    SCHEMES,
+    compile_decode_step,
+    is_quantized,
+    parse_variant,
+    quantize_model,
+    supported_schemes,
+    weight_bytes,
+)
+
+TINY = dataclasses.replace(mla_flavors["debugmodel"], n_layers=2, kernels="torch")
+INT8_SCHEMES = ["int8_weight_only", "int8_dynamic"]
+# Measured on the tiny model: the largest logit moves by 0.4% (weight-only) and 0.8% (dynamic
+# activations too) of the largest logit magnitude.
+LOGIT_TOLERANCE = {"int8_weight_only": 0.01, "int8_dynamic": 0.02}
+
+
+@pytest.fixture(autouse=True)
+def restore_inductor_config():
+    """torchao's quantize_ sets process-wide Inductor options; keep them out of other tests."""
+    saved = torch._inductor.config.save_config()
+    yield
+    torch._inductor.config.load_config(saved)
+
+
+@pytest.fixture
+def reference_decode(monkeypatch):
+    """The decode op's PyTorch reference instead of the interpreted kernel (same semantics)."""
+    monkeypatch.setattr(dispatch, "KERNELS_INTERPRETED", False)
+
+
+def tiny_model() -> MLATransformer:
+    torch.manual_seed(0)
+    model = MLATransformer(TINY)
+    with torch.no_grad():
+        model.init_weights()
+    return model.eval()
+
+
+def tokens(*shape: int) -> torch.Tensor:
+    return torch.randint(0, TINY.vocab_size, shape, generator=torch.Generator().manual_seed(1))
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("scheme", INT8_SCHEMES)
+def test_int8_schemes_quantize_every_linear_but_wkv_b(scheme):
+    model = tiny_model()
+    x = tokens(2, 24)
+    with torch.no_grad():
+        expected = model(x)
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    quantized = quantize_model(model, scheme)
+
+    assert sorted(quantized) == sorted(n for n in linears if not n.endswith("wkv_b"))
+    for name, linear in linears.items():
+        assert is_quantized(linear.weight) == (name in quantized), name
+        if name in quantized:
+            assert linear.weight.qdata.dtype == torch.int8
+            assert linear.weight.scale.shape == (linear.out_features, 1)  # per output channel
+    # Quantized linears: 1 byte per weight, a 4-byte scale and a 1-byte zero point per row (torchao
+    # keeps one, 0, even for symmetric int8); the rest stays fp32.
+    params = dict(model.named_parameters())
+    expected_bytes = sum(
+        p.numel() + 5 * p.shape[0] if name.removesuffix(".weight") in quantized else 4 * p.numel()
+        for name, p in params.items()
+    )
+    assert weight_bytes(model.parameters()) == expected_bytes
+
+    with torch.no_grad():
+        actual = model(x)
+    assert 0 < relative_error(actual, expected) < LOGIT_TOLERANCE[scheme]
+
+
+def test_quantized_model_through_engine_and_compile_matches_its_forward(reference_decode):
+    """The engine's prefill and its absorbed decode step compiled by torch.compile compute the
+    quantized model's own logits."""
+    model = tiny_model()
+    quantize_model(model, "int8_weight_only")
+    sequence = tokens(1, 20)
+    with torch.no_grad():
+        expected = model(sequence)[0]
+
+    cache = PagedLatentCache.for_model(TINY, max_tokens=64, page_size=16, dtype=torch.float32)
+    engine = MLAEngine(model, cache)
+    compile_decode_step(engine, backend="aot_eager")
+    logits = [engine.prefill([sequence[0, :16].tolist()], [0], all_logits=True)[0]]
+    for position in range(16, 20):
+        logits.append(engine.decode(sequence[:, position : position + 1], [0])[0])
+    assert relative_error(torch.cat(logits), expected) < 1e-5
+
+
+def test_unknown_and_unsupported_schemes_are_clear_errors():
+    def error(name: str) -> str:
+        with pytest.raises(ValueError) as raised:
+            parse_variant(name, "cpu")
+        return str(raised.value)
+
+    assert_expected_inline(
+        error("int4"),
+        """unknown quantization scheme 'int4'; supported on cpu: bf16, int8_weight_only, int8_dynamic (each also as <scheme>+fp8cache: FP8 latent cache)""",
+    )
+    assert_expected_inline(
+        error("fp8_rowwise+fp8cache"),
+        """quantization scheme 'fp8_rowwise' needs a CUDA GPU of compute capability 8.9+ (float8 matmuls); supported on cpu: bf16, int8_weight_only, int8_dynamic (each also as <scheme>+fp8cache: FP8 latent cache)""",
+    )
+    variant = parse_variant("int8_dynamic+fp8cache", "cpu")
+    assert (variant.scheme.name, variant.fp8_cache, variant.name) == (
+        "int8_dynamic",
+        True,
+        "int8_dynamic+fp8cache",
+    )
+    assert supported_schemes("cpu") == ["bf16", *INT8_SCHEMES]
+    assert len(SCHEMES) == 6
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow is not installed")
+def test_ablation_cli_writes_table_json_plot_tensorboard_and_mlflow(tmp_path, reference_decode):
+    torch.manual_seed(0)
+    model = MLATransformer(mla_flavors["debugmodel"])
+    with torch.no_grad():
+        model.init_weights()
+    dcp.save(model.state_dict(), checkpoint_id=tmp_path / "checkpoint" / "step-1")
+    out = tmp_path / "out"
+    ablate.main([
+        "--job.config_file", str(REPO / "train_configs" / "debug_model.toml"),
+        "--model.kernels=torch", "--checkpoint", str(tmp_path / "checkpoint"),
+        "--schemes", "bf16,int8_weight_only,bf16+fp8cache", "--out", str(out),
+        "--eval-tokens", "256", "--eval-seq-len", "128", "--eval-batch", "2",
+        "--prefill-len", "16", "--decode-batches", "1", "--decode-context", "8",
+        "--decode-steps", "2", "--repeats", "1", "--no-compile", "--mlflow",
+    ])  # fmt: skip
+
+    [json_path] = out.glob("quant_ablation-*.json")
+    result = json.loads(json_path.read_text())
+    rows = {(r["case"], r["impl"], r["metric"]): r["value"] for r in result["rows"]}
+    variants = ["bf16", "int8_weight_only", "bf16+fp8cache"]
+    assert sorted({impl for _, impl, _ in rows}) == sorted(variants)
+    ppl = {v: rows[("validation_256tok", v, "ppl")] for v in variants}
+    for v in variants:
+        assert math.isfinite(ppl[v]) and ppl[v] > 1
+        for case in ("prefill_b1_len16", "decode_b1_ctx8"):
+            assert rows[(case, v, "tokens/s")] > 0
+    # Random weights: near-uniform predictions over the 8192-token vocabulary.
+    assert 2000 < ppl["bf16"] < 50000
+    assert abs(ppl["int8_weight_only"] / ppl["bf16"] - 1) < 0.01
+    assert abs(ppl["bf16+fp8cache"] / ppl["bf16"] - 1) < 0.01
+    assert ppl["bf16+fp8cache"] != ppl["bf16"]  # the cache really is FP8
+    weights = {v: rows[("weights", v, "MiB")] for v in variants}
+    assert (
+        weights["bf16"]
+        == weights["bf16+fp8cache"]
+        == pytest.approx(weight_bytes(model.parameters()) / 2**20)
+    )
+    assert 0.3 < weights["int8_weight_only"] / weights["bf16"] < 0.6
+    summary = result["summary"]
+    assert summary["int8wo_ppl_rel_delta"] == pytest.approx(
+        ppl["int8_weight_only"] / ppl["bf16"] - 1, abs=1e-6
+    )
+    assert summary["int8wo_decode_speedup"] == pytest.approx(
+        rows[("decode_b1_ctx8", "int8_weight_only", "tokens/s")]
+        / rows[("decode_b1_ctx8", "bf16", "tokens/s")],
+        rel=1e-3,
+    )
+    assert (
+        "| validation_256tok | int8_weight_only | ppl |" in json_path.with_suffix(".md").read_text()
+    )
+    assert json_path.with_suffix(".png").stat().st_size > 1000
+    assert any((out / "tb" / json_path.stem).glob("events.out.tfevents.*"))
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(ablate.MLFLOW_EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(run.info.run_name for run in runs) == sorted(variants)
+    for run in runs:
+        assert run.data.metrics["ppl"] == pytest.approx(ppl[run.info.run_name])
+        assert run.data.params["variant"] == run.info.run_name
+        assert run.info.status == "FINISHED"
+
+
+def test_float8_training_configs_are_mla_1b_plus_the_converter():
+    """bench_train compares float8 and bf16 at equal settings: the float8 configs differ from
+    mla_1b.toml only in the job name, the converter and its section."""
+    from torchtitan.config import ConfigManager
+
+    def config(name: str) -> dict:
+        parsed = ConfigManager().parse_args([f"--job.config_file={REPO / 'train_configs' / name}"])
+        return parsed.to_dict()
+
+    bf16 = config("mla_1b.toml")
+    for name, recipe, fsdp_float8 in (
+        ("mla_1b_fp8.toml", None, True),
+        ("mla_1b_fp8_rowwise.toml", "rowwise", False),
+    ):
+        fp8 = config(name)
+        assert fp8["model"].pop("converters") == ["quantize.linear.float8"]
+        float8 = fp8["quantize"]["linear"]["float8"]
+        assert (float8["recipe_name"], float8["enable_fsdp_float8_all_gather"]) == (
+            recipe,
+            fsdp_float8,
+        )
+        assert float8["filter_fqns"] == ["output"]
+        for section in ("model", "training", "activation_checkpoint", "compile", "optimizer"):
+            assert {k: v for k, v in fp8[section].items() if k != "converters"} == {
+                k: v for k, v in bf16[section].items() if k != "converters"
+            }, section
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="float8 needs a CUDA GPU of compute capability 8.9+",
+)
+@pytest.mark.parametrize("scheme", ["fp8_rowwise", "fp8_tensorwise", "fp8_weight_only"])
+def test_gpu_fp8_schemes_through_compiled_engine_close_to_bf16(scheme):
+    model = tiny_model().to(device="cuda", dtype=torch.bfloat16)
+    sequence = tokens(1, 20).cuda()
+    with torch.no_grad():
+        expected = model(sequence)[0].float()
+    quantized = quantize_model(model, parse_variant(scheme, "cuda").scheme)
+    assert quantized and all(is_quantized(model.get_submodule(name).weight) for name in quantized)
+    cache = PagedLatentCache.for_model(
+        TINY, max_tokens=64, page_size=16, dtype=torch.bfloat16, device="cuda"
+    )
+    engine = MLAEngine(model, cache)
+    compile_decode_step(engine)
+    engine.capture_cuda_graph(1)
+    logits = [engine.prefill([sequence[0, :16].tolist()], [0], all_logits=True)[0]]
+    for position in range(16, 20):
+        logits.append(engine.decode(sequence[:, position : position + 1], [0])[0])
+    assert relative_error(torch.cat(logits).float(), expected) < 0.1

@@ -1,0 +1,509 @@
+"""The FP8-vs-INT8 deployment ablation: one checkpoint, several quantization variants, one table.
+
+    python -m titan_mla.ablate --job.config_file train_configs/mla_1b.toml \\
+        --checkpoint outputs/mla_1b/checkpoint --schemes bf16,int8_weight_only,fp8_rowwise --out DIR
+
+Per variant (a scheme of titan_mla.quantization, optionally ``+fp8cache`` for the FP8 latent
+cache), through the inference engine (MLAEngine) on a fresh copy of the model:
+
+- held-out perplexity: the default corpus's validation split, the first ``--eval-tokens`` tokens
+  in windows of ``--eval-seq-len``, scored by chunked prefill (so an FP8 cache counts);
+- prefill tokens/s (``--prefill-batch`` prompts of ``--prefill-len`` tokens, median of repeats);
+- decode tokens/s at each ``--decode-batches`` size after ``--decode-context`` prompt tokens, with
+  the decode step compiled (torch.compile) and replayed as a CUDA graph on GPU;
+- weight bytes (quantized data and scales) and, on GPU, peak memory.
+
+Writes ``quant_ablation-<gpu>.json`` and ``.md`` (shared/notes/BENCHMARKS.md format), a PNG plot
+(with matplotlib) and TensorBoard scalars (``<out>/tb``) into ``--out``; with ``--mlflow`` each
+variant is also an MLflow run of the experiment ``quant_ablation`` (titan_mla.tracking).
+The job config and ``--section.key value`` overrides select the model as for training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import importlib.util
+import math
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import titan_mla  # noqa: F401  (first: picks the device for torchtitan)
+from titan_mla.data import builtin_documents
+from titan_mla.inference import MLAEngine, PagedLatentCache
+from titan_mla.inference.generator import Generator
+from titan_mla.models import MLATransformer
+from titan_mla.quantization import (
+    DEFAULT_SKIP,
+    Variant,
+    compile_decode_step,
+    parse_variant,
+    quantize_model,
+    weight_bytes,
+)
+
+BENCHMARK = "quant_ablation"
+MLFLOW_EXPERIMENT = "quant_ablation"
+# Summary keys of issue 6: (key prefix, variant) -> {prefix}_decode_speedup, {prefix}_ppl_rel_delta.
+SUMMARY_VARIANTS = {"int8wo": "int8_weight_only", "fp8_rowwise": "fp8_rowwise"}
+BASELINE = "bf16"
+
+
+@dataclasses.dataclass
+class Settings:
+    eval_tokens: int = 8192
+    eval_seq_len: int = 1024
+    eval_batch: int = 4
+    prefill_len: int = 2048
+    prefill_batch: int = 1
+    decode_batches: tuple[int, ...] = (1, 32)
+    decode_context: int = 512
+    decode_steps: int = 64
+    repeats: int = 3
+    compile: bool = True
+    cuda_graph: bool = True
+    skip: tuple[str, ...] = DEFAULT_SKIP
+
+    @property
+    def max_seq_len(self) -> int:
+        # Each decode pass starts from a fresh prefill: context + decode_steps tokens at most.
+        return max(self.eval_seq_len, self.prefill_len, self.decode_context + self.decode_steps)
+
+    @property
+    def max_batch(self) -> int:
+        return max(self.eval_batch, self.prefill_batch, *self.decode_batches)
+
+
+@dataclasses.dataclass
+class VariantResult:
+    variant: str
+    ppl: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: dict[int, float]  # batch -> tokens/s
+    weight_bytes: int
+    peak_memory_bytes: int | None  # None on CPU
+    quantized_modules: int
+
+
+def validation_tokens(tokenizer: Any, count: int) -> torch.Tensor:
+    """The first ``count`` tokens of the default corpus's validation split, each text encoded as
+    training encodes it (BOS ... EOS) and concatenated."""
+    tokens: list[int] = []
+    for text in builtin_documents("validation"):
+        tokens += tokenizer.encode(text, add_bos=True, add_eos=True)
+        if len(tokens) >= count:
+            return torch.tensor(tokens[:count])
+    raise ValueError(
+        f"--eval-tokens {count} exceeds the {len(tokens)} tokens of the validation split"
+    )
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        """Seconds ``fn`` takes, device work included."""
+        self._sync()
+        start = time.perf_counter()
+        fn()
+        self._sync()
+        return time.perf_counter() - start
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def build_engine(model: MLATransformer, settings: Settings, fp8_cache: bool) -> MLAEngine:
+    device = model.output.weight.device
+    cache = PagedLatentCache.for_model(
+        model.model_args,
+        max_tokens=settings.max_batch * settings.max_seq_len,
+        max_tokens_per_seq=settings.max_seq_len,
+        max_seqs=settings.max_batch,
+        dtype=model.tok_embeddings.weight.dtype,
+        fp8=fp8_cache,
+        device=device,
+    )
+    engine = MLAEngine(model, cache)
+    if settings.compile:
+        compile_decode_step(engine)
+    return engine
+
+
+def perplexity(engine: MLAEngine, tokens: torch.Tensor, settings: Settings) -> float:
+    """exp(mean next-token cross-entropy) over windows of eval_seq_len tokens, scored through
+    prefill (each window alone: no context from the window before)."""
+    windows = tokens[: len(tokens) // settings.eval_seq_len * settings.eval_seq_len]
+    windows = windows.view(-1, settings.eval_seq_len)
+    total_nll, count = 0.0, 0
+    for start in range(0, len(windows), settings.eval_batch):
+        batch = windows[start : start + settings.eval_batch]
+        seqs = list(range(len(batch)))
+        try:
+            logits = engine.prefill(batch.tolist(), seqs, all_logits=True)
+        finally:
+            for seq in seqs:
+                engine.cache.free(seq)
+        targets = batch[:, 1:].to(logits.device)
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().flatten(0, 1), targets.flatten(), reduction="sum"
+        )
+        total_nll += nll.item()
+        count += targets.numel()
+    return math.exp(total_nll / count)
+
+
+def prompts_from(tokens: torch.Tensor, batch: int, length: int) -> list[list[int]]:
+    """``batch`` prompts of ``length`` tokens, consecutive slices of tokens (wrapping around)."""
+    needed = batch * length
+    repeated = tokens.repeat(math.ceil(needed / len(tokens)))[:needed]
+    return repeated.view(batch, length).tolist()
+
+
+def prefill_throughput(
+    engine: MLAEngine, tokens: torch.Tensor, settings: Settings, timer: Timer
+) -> float:
+    prompts = prompts_from(tokens, settings.prefill_batch, settings.prefill_len)
+    seqs = list(range(len(prompts)))
+
+    def run() -> None:
+        engine.prefill(prompts, seqs)
+
+    times = []
+    for _ in range(settings.repeats + 1):  # the first is warm-up
+        try:
+            times.append(timer(run))
+        finally:
+            for seq in seqs:
+                engine.cache.free(seq)
+    return settings.prefill_batch * settings.prefill_len / statistics.median(times[1:])
+
+
+def decode_throughput(
+    engine: MLAEngine, tokens: torch.Tensor, batch: int, settings: Settings, timer: Timer
+) -> float:
+    """Greedy decode tokens/s of ``batch`` sequences after decode_context prompt tokens: a warm-up
+    pass (compilation), then the timed pass, each from a fresh prefill."""
+    if settings.cuda_graph and engine.device.type == "cuda":
+        engine.capture_cuda_graph(batch)
+    prompts = prompts_from(tokens, batch, settings.decode_context)
+    seqs = list(range(batch))
+    rates = []
+    for steps in (min(settings.decode_steps, 4), settings.decode_steps):
+        try:
+            next_tokens = engine.prefill(prompts, seqs).argmax(-1)
+
+            def run(next_tokens: torch.Tensor = next_tokens, steps: int = steps) -> None:
+                for _ in range(steps):
+                    next_tokens = engine.decode(next_tokens[:, None], seqs)[:, -1].argmax(-1)
+
+            rates.append(batch * steps / timer(run))
+        finally:
+            for seq in seqs:
+                engine.cache.free(seq)
+    return rates[-1]
+
+
+def measure_variant(
+    base_model: MLATransformer,
+    variant: Variant,
+    tokens: torch.Tensor,
+    settings: Settings,
+    device: torch.device,
+    log: Callable[[str], None] = print,
+) -> VariantResult:
+    """Every figure of one variant, on its own copy of ``base_model`` moved to ``device`` (keep
+    the base on the CPU: peak memory is then the variant's own)."""
+    timer = Timer(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    model = copy.deepcopy(base_model).to(device)
+    quantized = quantize_model(model, variant.scheme, skip=settings.skip)
+    engine = build_engine(model, settings, variant.fp8_cache)
+    start = time.perf_counter()
+    ppl = perplexity(engine, tokens, settings)
+    log(f"   ppl {ppl:.4f} ({time.perf_counter() - start:.1f}s)")
+    prefill = prefill_throughput(engine, tokens, settings, timer)
+    log(f"   prefill {prefill:,.0f} tokens/s")
+    decode = {}
+    for batch in settings.decode_batches:
+        start = time.perf_counter()
+        decode[batch] = decode_throughput(engine, tokens, batch, settings, timer)
+        log(
+            f"   decode batch {batch}: {decode[batch]:,.1f} tokens/s "
+            f"({time.perf_counter() - start:.1f}s with compile/capture)"
+        )
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return VariantResult(
+        variant=variant.name,
+        ppl=ppl,
+        prefill_tokens_per_s=prefill,
+        decode_tokens_per_s=decode,
+        weight_bytes=weight_bytes(model.parameters()),
+        peak_memory_bytes=peak,
+        quantized_modules=len(quantized),
+    )
+
+
+def run_ablation(
+    model: MLATransformer,
+    tokenizer: Any,
+    variants: Sequence[Variant],
+    settings: Settings,
+    device: torch.device,
+    on_result: Callable[[VariantResult], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[VariantResult]:
+    """Measure every variant of ``model`` (loaded, eval mode) on ``device``; ``on_result`` is
+    called as each variant finishes."""
+    if any(variant.scheme.config is not None for variant in variants) and settings.compile:
+        # The Inductor settings torchao recommends for quantized models, for every variant alike
+        # (the baseline included), so that they compile the same way.
+        from torchao.quantization.utils import recommended_inductor_config_setter
+
+        recommended_inductor_config_setter()
+    tokens = validation_tokens(tokenizer, settings.eval_tokens)
+    results = []
+    for i, variant in enumerate(variants, 1):
+        log(f"== [{i}/{len(variants)}] {variant.name}: {variant.scheme.description}")
+        result = measure_variant(model, variant, tokens, settings, device, log)
+        if on_result is not None:
+            on_result(result)
+        results.append(result)
+    return results
+
+
+def result_rows(results: Sequence[VariantResult], settings: Settings) -> list[dict]:
+    """Rows of the BENCHMARKS.md result file: (case, impl = variant, metric, value)."""
+    rows = []
+    for r in results:
+        figures = [
+            (f"validation_{settings.eval_tokens}tok", "ppl", r.ppl),
+            (
+                f"prefill_b{settings.prefill_batch}_len{settings.prefill_len}",
+                "tokens/s",
+                r.prefill_tokens_per_s,
+            ),
+            *(
+                (f"decode_b{batch}_ctx{settings.decode_context}", "tokens/s", rate)
+                for batch, rate in r.decode_tokens_per_s.items()
+            ),
+            ("weights", "MiB", r.weight_bytes / 2**20),
+        ]
+        if r.peak_memory_bytes is not None:
+            figures.append(("peak_memory", "GiB", r.peak_memory_bytes / 2**30))
+        rows += [
+            {"case": case, "impl": r.variant, "metric": metric, "value": value}
+            for case, metric, value in figures
+        ]
+    return rows
+
+
+def summary(results: Sequence[VariantResult]) -> dict[str, float | None]:
+    """Ratios against the bf16 variant measured in the same run: ``<key>_decode_speedup`` (batch-1
+    decode), ``<key>_decode_b<N>_speedup`` (other batches) and ``<key>_ppl_rel_delta``
+    (ppl / bf16 ppl - 1) for each variant of SUMMARY_VARIANTS that ran."""
+    by_name = {r.variant: r for r in results}
+    baseline = by_name.get(BASELINE)
+    out: dict[str, float | None] = {}
+    if baseline is None:
+        return out
+    for key, name in SUMMARY_VARIANTS.items():
+        ours = by_name.get(name)
+        if ours is None:
+            continue
+        for batch, rate in ours.decode_tokens_per_s.items():
+            suffix = "" if batch == 1 else f"_b{batch}"
+            out[f"{key}_decode{suffix}_speedup"] = round(
+                rate / baseline.decode_tokens_per_s[batch], 4
+            )
+        out[f"{key}_ppl_rel_delta"] = round(ours.ppl / baseline.ppl - 1, 6)
+    return out
+
+
+def plot(results: Sequence[VariantResult], path: Path) -> Path | None:
+    """Bar charts of ppl, decode tokens/s per batch and weight MiB per variant; None (and a
+    printed note) when matplotlib is not installed."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print("matplotlib is not installed: no PNG plot (pip install matplotlib)")
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.variant for r in results]
+    panels = [("held-out perplexity", [r.ppl for r in results])]
+    for batch in results[0].decode_tokens_per_s:
+        panels.append(
+            (f"decode tokens/s, batch {batch}", [r.decode_tokens_per_s[batch] for r in results])
+        )
+    panels.append(("weights (MiB)", [r.weight_bytes / 2**20 for r in results]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.5))
+    for ax, (title, values) in zip(axes, panels, strict=True):
+        ax.bar(names, values, color=["tab:gray" if n == BASELINE else "tab:blue" for n in names])
+        ax.set_title(title)
+        ax.tick_params(axis="x", labelrotation=60)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def variant_metrics(result: VariantResult) -> dict[str, float]:
+    """A variant's figures as MLflow metric names."""
+    metrics = {
+        "ppl": result.ppl,
+        "prefill_tokens_per_s": result.prefill_tokens_per_s,
+        "weight_MiB": result.weight_bytes / 2**20,
+        "quantized_modules": float(result.quantized_modules),
+    }
+    for batch, rate in result.decode_tokens_per_s.items():
+        metrics[f"decode_b{batch}_tokens_per_s"] = rate
+    if result.peak_memory_bytes is not None:
+        metrics["peak_memory_GiB"] = result.peak_memory_bytes / 2**30
+    return metrics
+
+
+def log_mlflow(result: VariantResult, params: dict[str, Any], tracking_uri: str | None) -> None:
+    import mlflow
+
+    from titan_mla.tracking import start_variant_run
+
+    with start_variant_run(
+        MLFLOW_EXPERIMENT, result.variant, {**params, "variant": result.variant}, tracking_uri
+    ):
+        mlflow.log_metrics(variant_metrics(result))
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    defaults = Settings()
+    parser = argparse.ArgumentParser(
+        prog="python -m titan_mla.ablate",
+        description=__doc__.splitlines()[0],
+        allow_abbrev=False,
+        epilog="Other --section.key options override the job config, as for training.",
+    )
+    parser.add_argument(
+        "--job.config_file", "--job.config-file", dest="config_file", required=True,
+        help="the training config of the checkpoint",
+    )  # fmt: skip
+    parser.add_argument("--checkpoint", required=True, help="DCP step-N folder or its parent")
+    parser.add_argument(
+        "--schemes",
+        default="bf16,int8_weight_only,int8_dynamic",
+        help="comma-separated variants: a scheme, or <scheme>+fp8cache; bf16 is the baseline",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="folder for the results")
+    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument("--eval-tokens", type=int, default=defaults.eval_tokens)
+    parser.add_argument("--eval-seq-len", type=int, default=defaults.eval_seq_len)
+    parser.add_argument("--eval-batch", type=int, default=defaults.eval_batch)
+    parser.add_argument("--prefill-len", type=int, default=defaults.prefill_len)
+    parser.add_argument("--prefill-batch", type=int, default=defaults.prefill_batch)
+    parser.add_argument(
+        "--decode-batches", default=",".join(map(str, defaults.decode_batches)), help="e.g. 1,32"
+    )
+    parser.add_argument("--decode-context", type=int, default=defaults.decode_context)
+    parser.add_argument("--decode-steps", type=int, default=defaults.decode_steps)
+    parser.add_argument("--repeats", type=int, default=defaults.repeats)
+    parser.add_argument("--no-compile", action="store_true", help="decode eagerly")
+    parser.add_argument("--no-cuda-graph", action="store_true")
+    parser.add_argument(
+        "--skip-modules",
+        default=",".join(DEFAULT_SKIP),
+        help="nn.Linear names left unquantized (last name part, e.g. wkv_b,output)",
+    )
+    parser.add_argument("--mlflow", action="store_true", help="log each variant as an MLflow run")
+    parser.add_argument("--mlflow-uri", help="tracking URI; default: sqlite under --out")
+    return parser.parse_known_args(argv)
+
+
+def main(argv: Sequence[str] | None = None, command: str | None = None) -> list[VariantResult]:
+    """The CLI; ``command`` is what the result file names as the command that reproduces it
+    (default: this module's command line)."""
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    prog = "titan_mla.ablate"
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        variants = [parse_variant(name, device) for name in args.schemes.split(",") if name]
+        settings = Settings(
+            eval_tokens=args.eval_tokens,
+            eval_seq_len=args.eval_seq_len,
+            eval_batch=args.eval_batch,
+            prefill_len=args.prefill_len,
+            prefill_batch=args.prefill_batch,
+            decode_batches=tuple(int(b) for b in args.decode_batches.split(",")),
+            decode_context=args.decode_context,
+            decode_steps=args.decode_steps,
+            repeats=args.repeats,
+            compile=not args.no_compile,
+            cuda_graph=not args.no_cuda_graph,
+            skip=tuple(name for name in args.skip_modules.split(",") if name),
+        )
+        if args.mlflow:
+            from titan_mla.tracking import require_mlflow
+
+            require_mlflow()
+        generator = Generator.from_checkpoint(
+            args.config_file,
+            args.checkpoint,
+            overrides=overrides,
+            device=device,
+            max_batch=1,
+            max_seq_len=64,
+            cuda_graph=False,
+        )
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        sys.exit(f"{prog}: error: {err}")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    params = {
+        "checkpoint": str(Path(args.checkpoint).resolve()),
+        "config_file": args.config_file,
+        "overrides": " ".join(overrides),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        **{f"settings.{k}": v for k, v in dataclasses.asdict(settings).items()},
+    }
+    mlflow_uri = args.mlflow_uri or f"sqlite:///{(args.out / 'mlflow' / 'mlflow.db').resolve()}"
+    on_result = (lambda result: log_mlflow(result, params, mlflow_uri)) if args.mlflow else None
+    # The base model waits on the CPU; each variant copies it to the device.
+    model, tokenizer = generator.model.to("cpu"), generator.tokenizer
+    del generator  # and its small cache: each variant builds its own engine
+    results = run_ablation(model, tokenizer, variants, settings, device, on_result)
+    command = command or shlex.join(
+        ["python", "-m", "titan_mla.ablate", *(sys.argv[1:] if argv is None else argv)]
+    )
+    json_path = write_outputs(results, settings, args.out, command)
+    print(json_path.with_suffix(".md").read_text())
+    return results
+
+
+def write_outputs(
+    results: Sequence[VariantResult], settings: Settings, out: Path, command: str
+) -> Path:
+    """The result file and its table, the PNG plot and the TensorBoard scalars (``out/tb``);
+    returns the JSON path."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.common import write_result
+    from titan_mla.tensorboard import log_result_file
+
+    path = write_result(BENCHMARK, command, result_rows(results, settings), summary(results), out)
+    plot(results, path.with_suffix(".png"))
+    log_result_file(path, out / "tb")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Needle retrieval accuracy by context length x needle depth, through the inference engine.
+
+    python -m titan_mla.longctx.eval --job.config_file train_configs/passkey_debug.toml \\
+        --checkpoint outputs/passkey_debug/checkpoint --lengths 256 512 1024 --depths 0 0.5 1 \\
+        --out outputs/passkey_debug/eval [--rope-factor 4 --original-seq-len 256]
+
+Each cell prefills ``--samples`` prompts of that many tokens (chunked, into the paged latent cache)
+and decodes the answer greedily; a sample is right when the first numbers of its completion are
+its answers. ``--rope-factor`` applies YaRN at evaluation (from ``--original-seq-len``, default the
+training length) to a model trained without it. Writes ``<out>/<name>.json`` (accuracy per cell,
+per length, overall, a few completions), ``<out>/<name>.png`` (heatmap) and TensorBoard scalars
+``<name>/accuracy/len_<L>`` (step = depth in percent) and ``<name>/accuracy`` under ``<out>/tb``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import titan_mla  # noqa: F401  (first: picks the device for torchtitan)
+from titan_mla.inference.generator import Generator
+
+from .datasets import EVAL_SEED_BASE
+from .needles import HAYSTACKS, TASKS, NeedleGenerator, is_correct
+
+
+def cache_seq_len(lengths: list[int], page_size: int = 64) -> int:
+    """Tokens per sequence the cache must hold for prompts of ``lengths`` and their answers (up to
+    32 tokens), in whole pages so every sequence of a full batch gets its pages."""
+    return -(-(max(lengths) + 32) // page_size) * page_size
+
+
+def with_yarn(
+    generator: Generator,
+    rope_factor: float,
+    original_seq_len: int,
+    max_batch: int,
+    max_seq_len: int,
+    chunk_size: int,
+) -> Generator:
+    """A generator over the same weights whose rotary embedding is YaRN-scaled by rope_factor."""
+    model = generator.model
+    model.model_args = dataclasses.replace(
+        model.model_args, rope_factor=rope_factor, original_seq_len=original_seq_len
+    )
+    return Generator(
+        model,
+        generator.tokenizer,
+        max_batch=max_batch,
+        max_seq_len=max_seq_len,
+        chunk_size=chunk_size,
+        cuda_graph=False,
+    )
+
+
+def _complete(generator: Generator, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Greedy completions of ``new_tokens`` tokens for prompts of token ids."""
+    engine = generator.engine
+    seqs = list(range(len(prompts)))
+    try:
+        tokens = engine.prefill(prompts, seqs).argmax(-1)
+        out = [tokens]
+        for _ in range(new_tokens - 1):
+            tokens = engine.decode(tokens[:, None], seqs)[:, -1].argmax(-1)
+            out.append(tokens)
+    finally:
+        for seq in seqs:
+            engine.cache.free(seq)
+    return torch.stack(out, dim=1).tolist()
+
+
+def evaluate(
+    generator: Generator,
+    needles: NeedleGenerator,
+    lengths: list[int],
+    depths: list[float],
+    *,
+    samples: int = 10,
+    batch: int = 1,
+    log=print,
+) -> dict[str, Any]:
+    """Accuracy of every (length, depth) cell over ``samples`` prompts (seeds shared by all cells
+    of a row, disjoint from the training rows' seeds)."""
+    tokenizer = generator.tokenizer
+    accuracy, examples = [], []
+    start = time.perf_counter()
+    for length in lengths:
+        row = []
+        for depth in depths:
+            records = [needles.record(length, depth, EVAL_SEED_BASE + i) for i in range(samples)]
+            correct = 0
+            for first in range(0, samples, batch):
+                group = records[first : first + batch]
+                answer_tokens = max(
+                    len(tokenizer.encode(r.answer_text, add_bos=False, add_eos=False))
+                    for r in group
+                )
+                completions = _complete(generator, [r.input_ids for r in group], answer_tokens)
+                for record, ids in zip(group, completions, strict=True):
+                    text = tokenizer.decode(ids)
+                    correct += is_correct(text, record.answers)
+                    if len(examples) < 8 and record.seed == EVAL_SEED_BASE:
+                        examples.append(
+                            {
+                                "length": length,
+                                "depth": depth,
+                                "answers": record.answers,
+                                "completion": text,
+                            }
+                        )
+            row.append(correct / samples)
+            log(
+                f"length {length:>7} depth {depth:.2f}: {correct}/{samples} ({time.perf_counter() - start:.0f}s)"
+            )
+        accuracy.append(row)
+    return {
+        "task": needles.task,
+        "haystack": needles.haystack,
+        "lengths": lengths,
+        "depths": depths,
+        "samples": samples,
+        "accuracy": accuracy,  # [length][depth]
+        "accuracy_by_length": {
+            str(n): sum(r) / len(r) for n, r in zip(lengths, accuracy, strict=True)
+        },
+        "accuracy_overall": sum(map(sum, accuracy)) / (len(lengths) * len(depths)),
+        "seconds": time.perf_counter() - start,
+        "examples": examples,
+    }
+
+
+def plot_heatmaps(results: dict[str, dict[str, Any]], path: Path) -> Path:
+    """One accuracy heatmap (length x depth) per named result, side by side, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = max(len(r["depths"]) for r in results.values())
+    rows = max(len(r["lengths"]) for r in results.values())
+    size = (1.5 + (1.0 + 0.9 * columns) * len(results), 1.8 + 0.6 * rows)
+    fig, axes = plt.subplots(1, len(results), figsize=size, squeeze=False)
+    for ax, (name, result) in zip(axes[0], results.items(), strict=True):
+        image = ax.imshow(result["accuracy"], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(result["depths"])), [f"{d:.0%}" for d in result["depths"]])
+        ax.set_yticks(range(len(result["lengths"])), [str(n) for n in result["lengths"]])
+        for i, row in enumerate(result["accuracy"]):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=8)
+        ax.set_xlabel("needle depth")
+        if ax is axes[0][0]:
+            ax.set_ylabel("context length (tokens)")
+        ax.set_title(f"{name}: {result['accuracy_overall']:.0%}")
+    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def log_tensorboard(name: str, result: dict[str, Any], logdir: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with contextlib.closing(SummaryWriter(str(logdir))) as writer:
+        for length, row in zip(result["lengths"], result["accuracy"], strict=True):
+            for depth, value in zip(result["depths"], row, strict=True):
+                writer.add_scalar(f"{name}/accuracy/len_{length}", value, round(depth * 100))
+        for length, value in result["accuracy_by_length"].items():
+            writer.add_scalar(f"{name}/accuracy_by_length", value, int(length))
+        writer.add_scalar(f"{name}/accuracy", result["accuracy_overall"], 0)
+
+
+def write_outputs(name: str, result: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_heatmaps({name: result}, out / f"{name}.png")
+    log_tensorboard(name, result, out / "tb")
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m titan_mla.longctx.eval",
+        description=__doc__.splitlines()[0],
+        allow_abbrev=False,
+        epilog="Other --section.key options override the job config, as for training.",
+    )
+    parser.add_argument(
+        "--job.config_file",
+        "--job.config-file",
+        dest="config_file",
+        required=True,
+        help="the training config of the checkpoint",
+    )
+    parser.add_argument("--checkpoint", required=True, help="DCP step-N folder or its parent")
+    parser.add_argument("--lengths", type=int, nargs="+", required=True, help="prompt tokens")
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--task", choices=TASKS, default="passkey")
+    parser.add_argument("--haystack", choices=HAYSTACKS, default="repeat")
+    parser.add_argument("--samples", type=int, default=10, help="prompts per cell")
+    parser.add_argument("--batch", type=int, default=1, help="prompts prefilled together")
+    parser.add_argument(
+        "--rope-factor", type=float, help="apply YaRN with this factor at evaluation"
+    )
+    parser.add_argument(
+        "--original-seq-len", type=int, help="YaRN's original length (default: training seq_len)"
+    )
+    parser.add_argument("--chunk-size", type=int, default=2048, help="prefill tokens per chunk")
+    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the JSON, PNG and tb/")
+    parser.add_argument("--name", default="passkey_eval", help="file stem and TensorBoard tag")
+    return parser.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    max_seq_len = cache_seq_len(args.lengths)
+    try:
+        generator = Generator.from_checkpoint(
+            args.config_file,
+            args.checkpoint,
+            overrides=overrides,
+            device=args.device,
+            max_batch=args.batch,
+            max_seq_len=max_seq_len,
+            chunk_size=args.chunk_size,
+            cuda_graph=False,
+        )
+        if args.rope_factor:
+            original = args.original_seq_len or generator.model.model_args.max_seq_len
+            generator = with_yarn(
+                generator, args.rope_factor, original, args.batch, max_seq_len, args.chunk_size
+            )
+        needles = NeedleGenerator(args.task, args.haystack, tokenizer=generator.tokenizer)
+        result = evaluate(
+            generator, needles, args.lengths, args.depths, samples=args.samples, batch=args.batch
+        )
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"titan_mla.longctx.eval: error: {err}")
+    result["checkpoint"] = str(args.checkpoint)
+    result["rope_factor"] = args.rope_factor or generator.model.model_args.rope_factor
+    write_outputs(args.name, result, args.out)
+    print(
+        f"accuracy {result['accuracy_overall']:.1%}; wrote {args.out}/{args.name}.json, .png, tb/"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Quantization schemes (torchao configs applied to nn.Linear weights) and the variants built on them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+FP8_CACHE_SUFFIX = "+fp8cache"
+DEFAULT_SKIP = ("wkv_b",)
+FP8_MIN_CAPABILITY = (8, 9)  # float8 matmuls (torch._scaled_mm): Ada / Hopper and newer
+
+
+def _int8_weight_only() -> Any:
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return Int8WeightOnlyConfig()  # per output channel
+
+
+def _int8_dynamic() -> Any:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+    return Int8DynamicActivationInt8WeightConfig()  # per-token activations, per-channel weights
+
+
+def _fp8_dynamic(per_row: bool) -> Callable[[], Any]:
+    def config() -> Any:
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            PerRow,
+            PerTensor,
+        )
+
+        return Float8DynamicActivationFloat8WeightConfig(
+            granularity=PerRow() if per_row else PerTensor()
+        )
+
+    return config
+
+
+def _fp8_weight_only() -> Any:
+    from torchao.quantization import Float8WeightOnlyConfig
+
+    return Float8WeightOnlyConfig()  # per output channel; the matmul runs in the activation dtype
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    description: str
+    config: Callable[[], Any] | None  # the torchao config; None: weights stay as they are
+    needs_fp8_hardware: bool = False
+
+
+SCHEMES: dict[str, Scheme] = {
+    scheme.name: scheme
+    for scheme in (
+        Scheme("bf16", "no quantization (the model dtype: bf16 on GPU, fp32 on CPU)", None),
+        Scheme("int8_weight_only", "int8 per-channel weights, matmul in bf16", _int8_weight_only),
+        Scheme(
+            "int8_dynamic", "int8 per-token activations x int8 per-channel weights", _int8_dynamic
+        ),
+        Scheme(
+            "fp8_rowwise",
+            "float8 e4m3 per-row activations x per-row weights",
+            _fp8_dynamic(True),
+            True,
+        ),
+        Scheme(
+            "fp8_tensorwise",
+            "float8 e4m3 per-tensor activations x per-tensor weights",
+            _fp8_dynamic(False),
+            True,
+        ),
+        Scheme(
+            "fp8_weight_only",
+            "float8 e4m3 per-channel weights, matmul in bf16",
+            _fp8_weight_only,
+            True,
+        ),
+    )
+}
+
+
+def fp8_hardware(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_MIN_CAPABILITY
+
+
+def supported_schemes(device: torch.device | str) -> list[str]:
+    """The schemes that run on ``device``: FP8 ones only on CUDA GPUs of compute capability 8.9+."""
+    device = torch.device(device)
+    return [
+        name
+        for name, scheme in SCHEMES.items()
+        if fp8_hardware(device) or not scheme.needs_fp8_hardware
+    ]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A weight scheme and the latent cache's storage: one column of the ablation."""
+
+    scheme: Scheme
+    fp8_cache: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.scheme.name + (FP8_CACHE_SUFFIX if self.fp8_cache else "")
+
+
+def parse_variant(name: str, device: torch.device | str) -> Variant:
+    """``<scheme>`` or ``<scheme>+fp8cache``; ValueError naming what ``device`` supports when the
+    scheme is unknown or needs hardware this device lacks."""
+    device = torch.device(device)
+    scheme_name = name.removesuffix(FP8_CACHE_SUFFIX)
+    supported = supported_schemes(device)
+    listing = (
+        f"supported on {_device_name(device)}: {', '.join(supported)} "
+        f"(each also as <scheme>{FP8_CACHE_SUFFIX}: FP8 latent cache)"
+    )
+    if scheme_name not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme '{scheme_name}'; {listing}")
+    if scheme_name not in supported:
+        raise ValueError(
+            f"quantization scheme '{scheme_name}' needs a CUDA GPU of compute capability "
+            f"{'.'.join(map(str, FP8_MIN_CAPABILITY))}+ (float8 matmuls); {listing}"
+        )
+    return Variant(SCHEMES[scheme_name], fp8_cache=name.endswith(FP8_CACHE_SUFFIX))
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} (SM{major}{minor})"
+
+
+def quantize_model(
+    model: nn.Module, scheme: Scheme | str, *, skip: Sequence[str] = DEFAULT_SKIP
+) -> list[str]:
+    """Quantize the nn.Linear weights of ``model`` in place with ``scheme``, except modules whose
+    last name is in ``skip``; returns the names of the quantized modules. Quantize after loading
+    the weights and before building an MLAEngine (which copies the absorbed wkv_b)."""
+    scheme = SCHEMES[scheme] if isinstance(scheme, str) else scheme
+    if scheme.config is None:
+        return []
+    from torchao.quantization import quantize_
+
+    chosen = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in skip
+    ]
+    selected = set(chosen)
+    quantize_(model, scheme.config(), filter_fn=lambda module, fqn: fqn in selected)
+    return chosen
+
+
+def is_quantized(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is one of torchao's quantized tensor subclasses."""
+    from torchao.utils import TorchAOBaseTensor
+
+    return isinstance(weight, TorchAOBaseTensor)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds; for a tensor subclass, the sum over its inner tensors (int8/fp8 data
+    and scales)."""
+    if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
+def weight_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of ``tensors`` (e.g. ``model.parameters()``), each shared tensor counted once."""
+    unique = {id(tensor): tensor for tensor in tensors}
+    return sum(_tensor_bytes(tensor) for tensor in unique.values())
