@@ -33,7 +33,7 @@ FULL = (
     "train_configs/mla_1b.toml",
     # Warm-up as long as the short run allows (mla_1b.toml warms up over 2000 steps).
     ["--lr_scheduler.warmup_steps=20"],
-    ["--eval-tokens=8192", "--eval-seq-len=1024", "--prefill-len=2048", "--decode-batches=1,32"],
+    ["--eval-tokens=6144", "--eval-seq-len=1024", "--prefill-len=2048", "--decode-batches=1,32"],
 )
 SMOKE = (
     "train_configs/debug_model.toml",

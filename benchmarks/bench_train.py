@@ -165,6 +165,7 @@ def run_variant(
         "mfu": statistics.median(float(m["mfu"]) for m in warm),
         "memory_gib": max(float(m["mem"]) for m in metrics),
         "final_loss": float(metrics[-1]["loss"]),
+        "tail_loss": statistics.mean(float(m["loss"]) for m in metrics[-LOSS_TAIL:]),
         "losses": {int(m["step"]): float(m["loss"]) for m in metrics},
     }
     print(f"   {result} in {time.monotonic() - start:.0f}s", flush=True)

@@ -63,6 +63,7 @@ SYSTEM_PATHS = [
         for n in ("nvidia-cuda", "docker", "nvidia-container-toolkit")
     ),
     Path("/etc/modprobe.d/blacklist-nouveau.conf"),
+    Path("/etc/modprobe.d"),
     Path("/etc/systemd/system/k3s.service"),
 ]
 URL = re.compile(r"https?://")
@@ -181,8 +182,13 @@ def test_dockerfile() -> None:
 # --- Kubernetes ---------------------------------------------------------------------------------
 
 
-def kubernetes_validate(files: list[Path]) -> subprocess.CompletedProcess:
-    return run(["kubernetes-validate", "--strict", "--quiet", *map(str, files)], 120)
+def kubernetes_validate(files: list[Path]) -> str:
+    """Problems `kubernetes-validate --strict` finds in these manifests ('' if none). It only warns
+    on a kind it has no schema for (exit 0): here that is a failure too."""
+    result = run(["kubernetes-validate", "--strict", "--quiet", *map(str, files)], 120)
+    output = result.stdout + result.stderr
+    unknown = [line for line in output.splitlines() if "Couldn't find schema" in line]
+    return output if result.returncode != 0 or unknown else ""
 
 
 @pytest.fixture(scope="module")
@@ -223,10 +229,8 @@ def test_kustomize_overlays(rendered_overlays: dict[str, Path]) -> None:
 def test_kubernetes_validate_strict(rendered_overlays: dict[str, Path]) -> None:
     require("kubernetes-validate")
     base = INFRA / "k8s" / "base"
-    result = kubernetes_validate(
-        [base / "job.yaml", base / "service.yaml", *rendered_overlays.values()]
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    manifests = [base / "job.yaml", base / "service.yaml", *rendered_overlays.values()]
+    assert kubernetes_validate(manifests) == ""
 
 
 def test_kubernetes_validate_rejects_unknown_kind_and_field(tmp_path: Path) -> None:
@@ -236,9 +240,8 @@ def test_kubernetes_validate_rejects_unknown_kind_and_field(tmp_path: Path) -> N
     unknown_kind.write_text(yaml.safe_dump({**job, "kind": "TrainingJob"}))
     unknown_field = tmp_path / "unknown_field.yaml"
     unknown_field.write_text(yaml.safe_dump({**job, "spec": {**job["spec"], "nodes": 4}}))
-    for manifest in (unknown_kind, unknown_field):
-        result = kubernetes_validate([manifest])
-        assert result.returncode != 0, f"{manifest.name} passed validation"
+    assert "Couldn't find schema for kind TrainingJob" in kubernetes_validate([unknown_kind])
+    assert "nodes" in kubernetes_validate([unknown_field])
 
 
 # --- Ansible: lint, syntax ----------------------------------------------------------------------
@@ -397,9 +400,13 @@ class Localhost:
             holds = "".join(f"{p} install\n" for p in installed)
             subprocess.run(["dpkg", "--set-selections"], input=holds, text=True, check=True)
             subprocess.run(["dpkg", "--purge", *installed], check=True, capture_output=True)
-        for path in SYSTEM_PATHS:
-            if path not in self.existing_system_paths:
-                path.unlink(missing_ok=True)
+        for path in SYSTEM_PATHS:  # files before their folders
+            if path in self.existing_system_paths or not path.exists():
+                continue
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink()
         self.repos.stop_agent()
         shutil.rmtree(self.apt_root)
 
@@ -486,8 +493,7 @@ def test_roles_idempotent_on_localhost(localhost: Localhost, scenario: str) -> N
                 )
     if gpus:
         require("kubernetes-validate")
-        result = kubernetes_validate([manifests / "nvidia-runtimeclass.yaml"])
-        assert result.returncode == 0, result.stdout
+        assert kubernetes_validate([manifests / "nvidia-runtimeclass.yaml"]) == ""
 
 
 # --- SLURM: the rendered configuration, a live cluster ------------------------------------------
@@ -612,7 +618,9 @@ def test_sbatch_trains_on_a_live_slurm_cluster(localhost: Localhost, tmp_path: P
             ],
             480,
             cwd=REPO,
-            env=cluster.env,
+            # As a user's shell: without the test session's Triton interpreter (conftest sets it),
+            # CPU ranks take the PyTorch reference ops.
+            env={k: v for k, v in cluster.env.items() if k != "TRITON_INTERPRET"},
         )
         out = log.read_text() if log.exists() else ""
         assert result.returncode == 0, (
