@@ -255,7 +255,10 @@ def main() -> None:
     }
     command = f"COMMIT=$(git rev-parse HEAD) python benchmarks/bench_train.py --steps {args.steps}"
     command += f" --only {args.only}" if args.only != "all" else ""
-    path = write_result("train", command, rows, summary, args.out, n_gpus=torch.cuda.device_count())
+    # A subset writes a file of its own (train_fp8-<gpu>.json): it never replaces the full run's.
+    benchmark = "train" if args.only == "all" else f"train_{args.only}"
+    summary = {key: value for key, value in summary.items() if value is not None}
+    path = write_result(benchmark, command, rows, summary, args.out, n_gpus=torch.cuda.device_count())
     print(path.with_suffix(".md").read_text())
 
 

@@ -126,7 +126,7 @@ def files_with_urls(paths: list[Path]) -> list[str]:
     ]
 
 
-def test_urls_only_in_the_versions_file(tmp_path: Path) -> None:
+def test_urls_only_in_the_versions_file() -> None:
     infra_files = [p for p in INFRA.rglob("*") if p.is_file() and p != VERSIONS_FILE]
     infra_files += [REPO / "Dockerfile", REPO / ".dockerignore"]
     assert files_with_urls(infra_files) == []
@@ -334,6 +334,7 @@ class Localhost:
 
     def vars_for(self, scenario: str) -> dict:
         state = self.root / slug(scenario)
+        state.mkdir(exist_ok=True)  # the munge key's folder (the munge package makes /etc/munge)
         return {
             **self.mirror,
             "slurm_munge_key": "titan-mla-infra-test-key-" + "x" * 32,
@@ -587,6 +588,8 @@ class SlurmCluster:
         return "\n".join(f"{p.name}: {p.read_text()[-1500:]}" for p in self.logs if p.exists())
 
     def stop(self) -> None:
+        # A job still running (the test timed out) goes first, then the daemons.
+        run(["scancel", "--full", f"--user={os.getuid()}"], 30, env=self.env)
         for daemon in reversed(self.daemons):
             daemon.terminate()
             try:
@@ -599,7 +602,7 @@ class SlurmCluster:
 @pytest.mark.slow
 def test_sbatch_trains_on_a_live_slurm_cluster(localhost: Localhost, tmp_path: Path) -> None:
     """infra/slurm/train.sbatch, unchanged, trains the debug config on CPU through torchrun."""
-    require("munged", "slurmctld", "slurmd", "sbatch", "scontrol")
+    require("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel")
     applied(localhost, "0 GPUs")
     cluster = SlurmCluster(localhost.vars_for("0 GPUs"))
     try:
