@@ -258,7 +258,9 @@ def main() -> None:
     # A subset writes a file of its own (train_fp8-<gpu>.json): it never replaces the full run's.
     benchmark = "train" if args.only == "all" else f"train_{args.only}"
     summary = {key: value for key, value in summary.items() if value is not None}
-    path = write_result(benchmark, command, rows, summary, args.out, n_gpus=torch.cuda.device_count())
+    path = write_result(
+        benchmark, command, rows, summary, args.out, n_gpus=torch.cuda.device_count()
+    )
     print(path.with_suffix(".md").read_text())
 
 
