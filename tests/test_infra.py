@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from tests.infra_apt_repo import SignedAptRepos
+from infra_apt_repo import SignedAptRepos
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
