@@ -238,7 +238,7 @@ def test_missing_checkpoint_unknown_flavor_and_mismatched_flavor_are_clear_error
     save_debug_checkpoint(tmp_path / "step-3", prefix="model.")
     assert_expected_inline(
         error(tmp_path, "--model.flavor=2B"),
-        """unknown model.flavor '2B'; titan_mla has ['1B', '1B_long', 'debugmodel']""",
+        """unknown model.flavor '2B'; titan_mla has ['1B', '1B_long', '1B_yarn128k', '1B_yarn32k', 'debugmodel']""",
     )
     assert_expected_inline(
         error(tmp_path, "--model.flavor=1B"),

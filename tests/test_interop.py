@@ -227,7 +227,7 @@ def test_mistakes_are_clear_errors(tmp_path):
     save_debug_checkpoint(tmp_path / "step-1")
     assert_expected_inline(
         export(f"--checkpoint={tmp_path}", f"--out={hf_dir}", "--model.flavor=2B"),
-        """titan_mla.export_hf: error: unknown model.flavor '2B'; titan_mla has ['1B', '1B_long', 'debugmodel']""",
+        """titan_mla.export_hf: error: unknown model.flavor '2B'; titan_mla has ['1B', '1B_long', '1B_yarn128k', '1B_yarn32k', 'debugmodel']""",
     )
     hf_dir.mkdir()
     (hf_dir / "notes.txt").write_text("keep me")

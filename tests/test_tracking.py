@@ -275,6 +275,10 @@ def test_start_variant_run_logs_one_run_per_variant(tmp_path, monkeypatch):
     assert runs["int8"].data.tags[VARIANT_TAG] == "int8"
     assert runs["int8"].info.status == "FINISHED"
     assert runs["bf16"].info.status == "FAILED"
+    # A run given its own tracking URI leaves the process's URI as it was.
+    with start_variant_run("elsewhere", "x", {}, f"sqlite:///{tmp_path / 'other.db'}"):
+        pass
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 def debug_job_config(dump_folder: Path, *overrides: str):

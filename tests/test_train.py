@@ -132,7 +132,7 @@ def test_unknown_flavor_is_a_clear_error(tmp_path):
     assert returncode != 0
     assert_expected_inline(
         error_line(output),
-        """unknown model.flavor '2B'; titan_mla has ['1B', '1B_long', 'debugmodel']""",
+        """unknown model.flavor '2B'; titan_mla has ['1B', '1B_long', '1B_yarn128k', '1B_yarn32k', 'debugmodel']""",
     )
 
 

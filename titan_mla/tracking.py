@@ -338,6 +338,26 @@ def log_result_files(
 
 
 @contextlib.contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI set to ``uri`` inside, and afterwards exactly as before: the
+    fluent API (``mlflow.log_metric``) reads the global, and later runs of the process (other
+    ablations, tests) must not inherit it. ``set_tracking_uri`` writes the module global and the
+    ``MLFLOW_TRACKING_URI`` variable; both are restored."""
+    from mlflow.tracking._tracking_service import utils
+
+    global_uri, env_uri = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    require_mlflow().set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        utils._tracking_uri = global_uri
+        if env_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_uri
+
+
+@contextlib.contextmanager
 def start_variant_run(
     experiment: str,
     variant_name: str,
@@ -350,12 +370,11 @@ def start_variant_run(
     ``mlflow.log_metric(...)`` / ``log_result_files``; the run ends FINISHED, or FAILED on an
     exception. ``tracking_uri`` None: MLflow's own (``MLFLOW_TRACKING_URI``)."""
     mlflow = require_mlflow()
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    uri = mlflow.get_tracking_uri()
-    experiment_id = _experiment_id(_client(uri), experiment, uri)
-    with mlflow.start_run(
-        experiment_id=experiment_id, run_name=variant_name, tags={VARIANT_TAG: variant_name}
-    ) as run:
-        mlflow.log_params(flatten_params(params))
-        yield run
+    with _global_tracking_uri(tracking_uri) if tracking_uri else contextlib.nullcontext():
+        uri = mlflow.get_tracking_uri()
+        experiment_id = _experiment_id(_client(uri), experiment, uri)
+        with mlflow.start_run(
+            experiment_id=experiment_id, run_name=variant_name, tags={VARIANT_TAG: variant_name}
+        ) as run:
+            mlflow.log_params(flatten_params(params))
+            yield run
