@@ -112,9 +112,7 @@ def parts(smoke: bool) -> dict[int, list[Run]]:
         return {
             1: [Run("fsdp", 1, loss_curve=True, **tiny), Run("fsdp", 2, loss_curve=True, **tiny)],
             2: [
-                Run("tp2", 2, ["--parallelism.tensor_parallel_degree=2", *NO_COMPILE], **tiny),
-                # Diagnostic: TP with per-block compile fails in backward on CPU (torch 2.13).
-                Run("tp2compiled", 2, ["--parallelism.tensor_parallel_degree=2"], **tiny),
+                Run("tp2", 2, ["--parallelism.tensor_parallel_degree=2"], **tiny),
                 Run("cp2", 2, ["--parallelism.context_parallel_degree=2", *NO_COMPILE], **tiny),
             ],
         }
@@ -130,9 +128,8 @@ def parts(smoke: bool) -> dict[int, list[Run]]:
         2: [
             Run("fsdp", 1, ac="none", float8=True),
             Run("fsdp", 4, ac="none", float8=True),
-            # TP=2 x FSDP2=2 (FSDP brings bf16 mixed precision). Eager: TP with per-block compile
-            # fails in backward on CPU (torch 2.13).
-            Run("tp2", 4, ["--parallelism.tensor_parallel_degree=2", *NO_COMPILE]),
+            # TP=2 x FSDP2=2 (FSDP brings bf16 mixed precision), with per-block compile.
+            Run("tp2", 4, ["--parallelism.tensor_parallel_degree=2"]),
             # Context parallel runs eager: its SDPA dispatcher is not compiled here.
             Run("cp2", 2, ["--parallelism.context_parallel_degree=2", *NO_COMPILE]),
             Run(

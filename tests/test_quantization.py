@@ -185,7 +185,7 @@ def test_ablation_cli_writes_table_json_plot_tensorboard_and_mlflow(tmp_path, re
     assert summary["int8wo_decode_speedup"] == pytest.approx(
         rows[("decode_b1_ctx8", "int8_weight_only", "tokens/s")]
         / rows[("decode_b1_ctx8", "bf16", "tokens/s")],
-        rel=1e-3,
+        abs=5e-5,  # the summary keeps 4 decimals
     )
     assert (
         "| validation_256tok | int8_weight_only | ppl |" in json_path.with_suffix(".md").read_text()

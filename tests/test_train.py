@@ -70,16 +70,27 @@ def sharding_job(tmp_path_factory, seed_checkpoint) -> tuple[tuple[str, ...], di
     [
         # One rank sees windows 0-7; with two FSDP ranks rank 0 sees 0-3 and rank 1 sees 4-7: the same
         # global batch.
-        ("--parallelism.data_parallel_shard_degree=2", 4, "Applied FSDP2"),
+        (("--parallelism.data_parallel_shard_degree=2",), 4, "Applied FSDP2"),
         # Both TP ranks see windows 0-7 and split the heads, the FFN and the vocabulary.
-        ("--parallelism.tensor_parallel_degree=2", 8, "Applied tensor parallel (degree 2)"),
+        (("--parallelism.tensor_parallel_degree=2",), 8, "Applied tensor parallel (degree 2)"),
+        # The same with per-block torch.compile (aot_eager on CPU): DTensors cross the compiled
+        # blocks' boundaries in forward and backward.
+        (
+            (
+                "--parallelism.tensor_parallel_degree=2",
+                "--compile.enable",
+                "--compile.components=model",
+            ),
+            8,
+            "Compiling each TransformerBlock with torch.compile",
+        ),
     ],
-    ids=["fsdp", "tp"],
+    ids=["fsdp", "tp", "tp_compile"],
 )
 def test_two_ranks_match_one_rank(tmp_path, sharding_job, parallelism, local_batch_size, applied):
     common, losses_1 = sharding_job
     code, losses_2, out = run_train(
-        tmp_path, *common, parallelism, f"--training.local_batch_size={local_batch_size}", ngpu=2
+        tmp_path, *common, *parallelism, f"--training.local_batch_size={local_batch_size}", ngpu=2
     )
     assert_trained(code, out)
     assert applied in out

@@ -133,7 +133,8 @@ class SequenceParallelNorm(ParallelStyle):
     """Sequence parallel for titan_mla's RMSNorm, including its fused residual add.
 
     The weight is replicated; x and the optional ``residual`` (positional or keyword) arrive as
-    local shards of the sequence (dim 1) and every output leaves as a local shard again. The norm
+    local shards of the sequence (dim 1), or as Shard(1) DTensors (the first block's input, from the
+    embedding), and every output leaves as a local shard. The norm
     ops run on DTensors through their sharding rules (titan_mla.ops.sharding), so the weight's
     gradient is the sum of every rank's rows.
     """
@@ -236,7 +237,12 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, loss_parallel: bool, cp_e
         model,
         tp_mesh,
         {
-            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+            # The embeddings leave as a DTensor: as a local tensor they would be the asynchronous
+            # reduce-scatter's AsyncCollectiveTensor, whose gradient a compiled first block hands
+            # back as a plain tensor, which the reduce-scatter's backward cannot take.
+            "tok_embeddings": RowwiseParallel(
+                input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False
+            ),
             "norm": SequenceParallelNorm(),
             # Loss parallel: logits stay sharded over the vocabulary into the cross entropy.
             "output": ColwiseParallel(
