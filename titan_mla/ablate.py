@@ -39,6 +39,7 @@ import torch
 import titan_mla  # noqa: F401  (first: picks the device for torchtitan)
 from titan_mla.data import builtin_documents
 from titan_mla.inference import MLAEngine, PagedLatentCache
+from titan_mla.inference.checkpoint import checkpoint_cli_parser
 from titan_mla.inference.generator import Generator
 from titan_mla.models import MLATransformer
 from titan_mla.quantization import (
@@ -389,17 +390,7 @@ def log_mlflow(result: VariantResult, params: dict[str, Any], tracking_uri: str 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     defaults = Settings()
-    parser = argparse.ArgumentParser(
-        prog="python -m titan_mla.ablate",
-        description=__doc__.splitlines()[0],
-        allow_abbrev=False,
-        epilog="Other --section.key options override the job config, as for training.",
-    )
-    parser.add_argument(
-        "--job.config_file", "--job.config-file", dest="config_file", required=True,
-        help="the training config of the checkpoint",
-    )  # fmt: skip
-    parser.add_argument("--checkpoint", required=True, help="DCP step-N folder or its parent")
+    parser = checkpoint_cli_parser("python -m titan_mla.ablate", __doc__.splitlines()[0])
     parser.add_argument(
         "--schemes",
         default="bf16,int8_weight_only,int8_dynamic",

@@ -10,24 +10,17 @@ the result with ``transformers.AutoModelForCausalLM.from_pretrained("hf/debug_mo
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
 import titan_mla  # noqa: F401  (first: picks the device for torchtitan)
+from titan_mla.inference.checkpoint import checkpoint_cli_parser
 from titan_mla.interop.hf import DEFAULT_MAX_SHARD_BYTES, export_checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m titan_mla.export_hf",
-        description=__doc__.splitlines()[0],
-        allow_abbrev=False,
-        epilog="Other --section.key options override the job config, as for training.",
-    )
-    parser.add_argument("--job.config_file", "--job.config-file", dest="config_file", required=True)
-    parser.add_argument("--checkpoint", required=True, help="DCP step-N folder or its parent")
+    parser = checkpoint_cli_parser("python -m titan_mla.export_hf", __doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder (must be empty or new)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: as stored")
     parser.add_argument(

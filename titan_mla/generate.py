@@ -19,25 +19,13 @@ import torch
 
 import titan_mla  # noqa: F401  (first: picks the device for torchtitan)
 from titan_mla.inference.cache import CacheFullError
+from titan_mla.inference.checkpoint import checkpoint_cli_parser
 from titan_mla.inference.generator import Generator
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Our options, and the job config overrides for torchtitan's ConfigManager."""
-    parser = argparse.ArgumentParser(
-        prog="python -m titan_mla.generate",
-        description=__doc__.splitlines()[0],
-        allow_abbrev=False,
-        epilog="Other --section.key options override the job config, as for training.",
-    )
-    parser.add_argument(
-        "--job.config_file",
-        "--job.config-file",
-        dest="config_file",
-        required=True,
-        help="the training config of the checkpoint",
-    )
-    parser.add_argument("--checkpoint", required=True, help="DCP step-N folder or its parent")
+    parser = checkpoint_cli_parser("python -m titan_mla.generate", __doc__.splitlines()[0])
     parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")

@@ -16,6 +16,7 @@ place (casting the dtype), whatever the number of ranks that wrote the shards.
 
 from __future__ import annotations
 
+import argparse
 import re
 import warnings
 from pathlib import Path
@@ -27,6 +28,27 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 MODEL_PREFIXES = ("", "model.")
 _STEP_FOLDER = re.compile(r"step-(\d+)")
+
+
+def checkpoint_cli_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The argument parser the commands that load a training checkpoint start from: the job config
+    the checkpoint was trained with and the checkpoint folder; other ``--section.key`` options are
+    left to the caller, as job config overrides."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        allow_abbrev=False,
+        epilog="Other --section.key options override the job config, as for training.",
+    )
+    parser.add_argument(
+        "--job.config_file",
+        "--job.config-file",
+        dest="config_file",
+        required=True,
+        help="the training config of the checkpoint",
+    )
+    parser.add_argument("--checkpoint", required=True, help="DCP step-N folder or its parent")
+    return parser
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

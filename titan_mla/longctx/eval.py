@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 import titan_mla  # noqa: F401  (first: picks the device for torchtitan)
+from titan_mla.inference.checkpoint import checkpoint_cli_parser
 from titan_mla.inference.generator import Generator
 
 from .datasets import EVAL_SEED_BASE
@@ -186,20 +187,7 @@ def write_outputs(name: str, result: dict[str, Any], out: Path) -> None:
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
-        prog="python -m titan_mla.longctx.eval",
-        description=__doc__.splitlines()[0],
-        allow_abbrev=False,
-        epilog="Other --section.key options override the job config, as for training.",
-    )
-    parser.add_argument(
-        "--job.config_file",
-        "--job.config-file",
-        dest="config_file",
-        required=True,
-        help="the training config of the checkpoint",
-    )
-    parser.add_argument("--checkpoint", required=True, help="DCP step-N folder or its parent")
+    parser = checkpoint_cli_parser("python -m titan_mla.longctx.eval", __doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", required=True, help="prompt tokens")
     parser.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--task", choices=TASKS, default="passkey")
