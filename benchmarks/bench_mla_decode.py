@@ -6,7 +6,8 @@ uniform in [context / 2, context], and (1, 65536, 16), (1, 1048576, 16); q_len 1
 kv_lora_rank 512, rope 64, pages shuffled in one pool. GB/s as FlashMLA counts it: every cached
 token read once (bf16: 576 x 2 bytes; fp8: 512 + 4 x 4 scale + 64 x 2 rope bytes) plus q and out
 bytes; TFLOP/s = 2 x heads x tokens x (512 + 64 + 512) / time. Every variant is checked against
-the reference before it is timed. Writes benchmarks/results/mla_decode-<gpu>.json (+ .md) or --out.
+the reference before it is timed, and timed as CUDA-graph replays of 10 back-to-back calls (a
+decode step's launch path; the copy bandwidth too). Writes benchmarks/results/mla_decode-<gpu>.json (+ .md) or --out.
 
     COMMIT=$(git rev-parse HEAD) python benchmarks/bench_mla_decode.py --out benchmarks/results
 
@@ -57,6 +58,7 @@ TOLERANCE = 1e-2  # bf16 kernels vs the fp32 reference on the same cache
 FP8_TOLERANCE = 2e-2
 FP8_VS_BF16_TOLERANCE = 6e-2  # fp8 cache vs the bf16 cache it was quantized from
 COMPILED_TOLERANCE = 1e-3
+GRAPH_CALLS = 10  # calls per timed CUDA-graph replay
 
 
 @dataclass(frozen=True)
@@ -187,8 +189,26 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.float() - expected).norm() / expected.norm()).item()
 
 
-def time_ms(fn: Callable[[], torch.Tensor]) -> float:
-    return triton.testing.do_bench(fn, return_mode="median")
+def time_ms(fn: Callable[[], torch.Tensor], calls: int = GRAPH_CALLS) -> float:
+    """Milliseconds per call of ``fn``, as a decode step runs it: ``calls`` back-to-back calls
+    captured in one CUDA graph, its replays timed (median), so host-side launch cost (Python, the
+    dispatcher) is not counted and every variant is launched the same way."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # Triton/Inductor compile and allocator warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+    except RuntimeError as err:  # not capturable: time eager launches, and say so
+        print(f"  (not capturable, timed eagerly: {str(err).splitlines()[0]})")
+        return triton.testing.do_bench(fn, return_mode="median")
+    ms = triton.testing.do_bench(graph.replay, return_mode="median") / calls
+    del graph
+    return ms
 
 
 def copy_bandwidth(n_bytes: int) -> float:

@@ -141,6 +141,7 @@ def stage_small(args) -> tuple[list[dict], dict, dict]:
             f"--training.local_batch_size={args.small_batch}",
             f"--lr_scheduler.warmup_steps={max(steps // 20, 1)}",
             f"--metrics.log_freq={min(50, steps)}",
+            *([f"--optimizer.lr={args.small_lr}"] if args.small_lr else []),
             *loss_flags(args),
         ],
         args.timeout,
@@ -286,6 +287,7 @@ def main() -> None:
     parser.add_argument("--train-len", type=int, default=256, help="small stage training length")
     parser.add_argument("--small-steps", type=int, default=2000)
     parser.add_argument("--small-batch", type=int, default=32)
+    parser.add_argument("--small-lr", type=float, help="default: passkey_debug.toml's")
     parser.add_argument("--steps-4k", type=int, default=200)
     parser.add_argument("--batch-4k", type=int, default=8)
     parser.add_argument("--lr-4k", type=float, default=5e-4)

@@ -6,15 +6,15 @@ MFU and peak memory come from torchtitan's metric lines. The loss-curve runs sta
 checkpoint and train on 16 documents of exactly seq_len + 1 tokens, so that 1, 2 and 4 GPUs see the
 same global batch of 16 sequences (gradient accumulation makes up the rest) at every step.
 
-Device time is short, so the matrix is split in two calls of < 9 minutes on 4 H100s:
+Device time is short, so the matrix runs in phases: the runs of a phase start together on
+disjoint GPUs of the host (CUDA_VISIBLE_DEVICES), e.g. three one-GPU AC runs beside the seed
+checkpoint, then the next phase. One call on 4 H100s:
 
-    COMMIT=$(git rev-parse HEAD) python benchmarks/bench_scaling.py --part 1 --out $OUT
-    COMMIT=$(git rev-parse HEAD) python benchmarks/bench_scaling.py --part 2 \
-        --prior benchmarks/results/scaling-part1.json --out $OUT
+    COMMIT=$(git rev-parse HEAD) python benchmarks/bench_scaling.py --out $OUT
 
-Each part writes scaling-part<N>.json (its raw results, rewritten after every variant) and
-scaling-<n>xh100.json/.md from its own results plus --prior's. --smoke runs both parts with a tiny
-model on 2 GPUs (scaling_smoke-*.json), to validate first.
+writes scaling-raw.json (every run's figures, rewritten as runs finish) and scaling-<n>xh100.json
+/.md. --smoke runs the same phases with the debug model (on CPU ranks where there is no GPU), to
+validate first; --prior merges an earlier call's scaling-raw.json.
 """
 
 from __future__ import annotations
@@ -22,9 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +50,8 @@ GLOBAL_BATCH = 16  # sequences per step in the loss-curve runs
 
 @dataclass
 class Run:
-    """One ./run_train.sh job: ``impl`` names the parallel layout, ``case`` the settings."""
+    """One ./run_train.sh job: ``impl`` names the parallel layout, ``case`` the settings. The run
+    named "seed" writes the seed checkpoint the loss-curve runs start from."""
 
     name: str
     ngpu: int
@@ -59,6 +63,7 @@ class Run:
     seq_len: int = 4096
     flavor: str = "1B"
     loss_curve: bool = False  # from the seed checkpoint on the exact-length documents
+    timeout_factor: float = 1.0
 
     @property
     def impl(self) -> str:
@@ -87,85 +92,106 @@ class Run:
             "--metrics.disable_color_printing",
             "--metrics.no-enable-tensorboard",
             "--checkpoint.no-enable",
-            f"--job.dump_folder={WORK / self.impl / self.case}",
+            f"--job.dump_folder={WORK / 'seed' if self.name == 'seed' else WORK / self.impl / self.case}",
         ]
+        if self.name == "seed":
+            args += [
+                "--checkpoint.enable",
+                "--checkpoint.create_seed_checkpoint",
+                "--checkpoint.async_mode=disabled",
+                "--parallelism.data_parallel_shard_degree=1",
+                *NO_COMPILE,
+            ]
         if self.loss_curve:
             args += [
                 f"--training.dataset_path={WORK / 'docs.jsonl'}",
                 f"--training.global_batch_size={GLOBAL_BATCH}",
                 "--checkpoint.enable",
-                f"--checkpoint.initial_load_path={WORK / 'seed' / 'checkpoint' / 'step-0'}",
+                f"--checkpoint.initial_load_path={SEED_CHECKPOINT}",
                 "--checkpoint.load_only",  # load the seed, never save
             ]
         return args + self.extra
 
 
 WORK = Path(tempfile.gettempdir()) / "bench_scaling"
+SEED_CHECKPOINT = WORK / "seed" / "checkpoint" / "step-0"
 NO_COMPILE = ["--compile.no-enable"]
 
 
-def parts(smoke: bool) -> dict[int, list[Run]]:
-    """The matrix. Part 1: bf16 FSDP scaling with loss curves, AC modes on one GPU. Part 2: float8,
-    TP, CP and the 65,536-token sequence."""
-    if smoke:
-        tiny = dict(flavor="debugmodel", seq_len=256, batch=2)
-        return {
-            1: [Run("fsdp", 1, loss_curve=True, **tiny), Run("fsdp", 2, loss_curve=True, **tiny)],
-            2: [
-                Run("tp2", 2, ["--parallelism.tensor_parallel_degree=2"], **tiny),
-                Run("cp2", 2, ["--parallelism.context_parallel_degree=2", *NO_COMPILE], **tiny),
-            ],
-        }
-    return {
-        1: [
-            Run("fsdp", 1, loss_curve=True),
-            Run("fsdp", 2, loss_curve=True),
-            Run("fsdp", 4, loss_curve=True),
-            Run("fsdp", 1, ac="none"),
-            Run("fsdp", 1, ac="selective", ac_option="2"),
-            Run("fsdp", 1, ac="full"),
+def phases(smoke: bool) -> list[list[Run]]:
+    """The matrix as phases of runs that share the host's GPUs (at most 4 at once). The seed
+    checkpoint comes first; the phase order is the priority order (a budget cut drops the tail)."""
+    sizes = dict(flavor="debugmodel", seq_len=256, batch=2) if smoke else {}
+    long_context = (
+        dict(flavor="debugmodel", seq_len=1024, batch=1)
+        if smoke
+        else dict(flavor="1B_long", seq_len=65536, batch=1)
+    )
+    tp2 = ["--parallelism.tensor_parallel_degree=2"]
+    # Context parallel runs eager: its SDPA dispatcher is not compiled here.
+    cp = lambda degree: [f"--parallelism.context_parallel_degree={degree}", *NO_COMPILE]  # noqa: E731
+    return [
+        [
+            Run("seed", 1, **sizes),
+            Run("fsdp", 1, ac="none", **sizes),
+            Run("fsdp", 1, ac="selective", ac_option="2", **sizes),
+            Run("fsdp", 1, ac="full", **sizes),
         ],
-        2: [
-            Run("fsdp", 1, ac="none", float8=True),
-            Run("fsdp", 4, ac="none", float8=True),
-            # TP=2 x FSDP2=2 (FSDP brings bf16 mixed precision), with per-block compile.
-            Run("tp2", 4, ["--parallelism.tensor_parallel_degree=2"]),
-            # Context parallel runs eager: its SDPA dispatcher is not compiled here.
-            Run("cp2", 2, ["--parallelism.context_parallel_degree=2", *NO_COMPILE]),
-            Run(
-                "cp4",
-                4,
-                ["--parallelism.context_parallel_degree=4", *NO_COMPILE],
-                ac="full",
-                batch=1,
-                seq_len=65536,
-                flavor="1B_long",
-            ),
+        [
+            Run("fsdp", 1, loss_curve=True, **sizes),
+            Run("fsdp", 1, ac="none", float8=not smoke, **sizes),
+            Run("fsdp", 2, loss_curve=True, **sizes),
         ],
-    }
+        [Run("tp2", 2, tp2, **sizes), Run("cp2", 2, cp(2), **sizes)],
+        [Run("fsdp", 4, loss_curve=True, **sizes)],
+        [Run("cp4", 4, cp(4), ac="full", timeout_factor=2.0, **long_context)],
+        [Run("fsdp", 4, ac="none", float8=not smoke, **sizes)],
+        # TP=2 x FSDP2=2 (FSDP brings bf16 mixed precision), with per-block compile.
+        [Run("tp2_fsdp2", 4, tp2, **sizes)],
+    ]
 
 
-def prepare_loss_curve_inputs(run: Run, log_file: Path, timeout_s: int) -> None:
-    """The exact-length documents and the seed checkpoint every loss-curve run starts from."""
+def prepare_documents(seq_len: int) -> None:
+    """The exact-length documents every loss-curve run trains on."""
     docs = WORK / "docs.jsonl"
     if not docs.exists():
-        texts = exact_length_documents(GLOBAL_BATCH, run.seq_len + 1)
+        texts = exact_length_documents(GLOBAL_BATCH, seq_len + 1)
         docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    if (WORK / "seed" / "checkpoint" / "step-0").is_dir():
-        return
-    seed = Run("seed", 1, flavor=run.flavor, seq_len=run.seq_len, batch=run.batch)
-    seed.extra = [
-        f"--job.dump_folder={WORK / 'seed'}",
-        "--checkpoint.enable",
-        "--checkpoint.create_seed_checkpoint",
-        "--checkpoint.async_mode=disabled",
-        "--parallelism.data_parallel_shard_degree=1",
-        *NO_COMPILE,
-    ]
-    # A seed checkpoint run logs no steps: run_variant reports it as failed; check the folder.
-    run_variant(seed, 1, log_file, timeout_s, env={**HOST_ENV, "NGPU": "1"})
-    if not (WORK / "seed" / "checkpoint" / "step-0").is_dir():
-        raise RuntimeError(f"no seed checkpoint in {WORK / 'seed'}: see {log_file}")
+
+
+def run_phase(
+    phase: list[Run], gpus: list[str], steps: int, log_file: Path, timeout_s: int
+) -> dict[str, dict]:
+    """Start every run of ``phase`` on its own GPUs, wait for all; results by "impl|case"."""
+    results: dict[str, dict] = {}
+    lock = threading.Lock()
+
+    def job(run: Run, devices: list[str]) -> None:
+        env = {"NGPU": str(run.ngpu)}
+        if devices:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+        timeout = int(timeout_s * run.timeout_factor)
+        if run.name == "seed":
+            shutil.rmtree(WORK / "seed", ignore_errors=True)
+        measured = run_variant(run, steps, log_file, timeout, env=env)
+        if run.name == "seed":  # a seed run logs no steps: run_variant reports it as failed
+            if not SEED_CHECKPOINT.is_dir():
+                print(f"   no seed checkpoint in {SEED_CHECKPOINT}: see {log_file}", flush=True)
+            return
+        if measured is not None:
+            measured["losses"] = {str(s): loss for s, loss in measured["losses"].items()}
+            with lock:
+                results[f"{run.impl}|{run.case}"] = measured
+
+    free = list(gpus)
+    with ThreadPoolExecutor(max_workers=len(phase)) as pool:
+        running = []
+        for run in phase:
+            devices, free = (free[: run.ngpu], free[run.ngpu :]) if gpus else ([], [])
+            running.append(pool.submit(job, run, devices))
+        for future in running:
+            future.result()  # re-raise a bug in job itself
+    return results
 
 
 def summarize(results: dict[str, dict]) -> tuple[list[dict], dict]:
@@ -210,7 +236,7 @@ def summarize(results: dict[str, dict]) -> tuple[list[dict], dict]:
         r for key, r in results.items() if key.startswith("1gpu_fsdp|") and "bf16" in key
     ]
     summary["mfu_bf16_1gpu"] = max((r["mfu"] for r in one_gpu_bf16), default=None)
-    for name, n in (("tp2", 4), ("cp2", 2)):
+    for name, n in (("tp2", 2), ("cp2", 2), ("tp2_fsdp2", 4)):
         r = get(n, name, "bf16")
         summary[f"{name}_loss_falls"] = (
             r["losses"][min(r["losses"], key=int)] > r["final_loss"] if r else None
@@ -223,64 +249,54 @@ def summarize(results: dict[str, dict]) -> tuple[list[dict], dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", type=int, choices=(1, 2), help="default with --smoke: both")
-    parser.add_argument("--prior", type=Path, nargs="*", default=[], help="earlier parts' raw JSON")
-    parser.add_argument("--smoke", action="store_true", help="tiny model on 2 GPUs, < 2 minutes")
+    parser.add_argument("--prior", type=Path, nargs="*", default=[], help="earlier raw JSON")
+    parser.add_argument("--smoke", action="store_true", help="the debug model, every phase")
     parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--timeout", type=int, default=150, help="seconds per run")
+    parser.add_argument("--timeout", type=int, default=180, help="seconds per run")
     parser.add_argument(
-        "--budget", type=int, default=420, help="start no run after this many seconds"
+        "--budget", type=int, default=460, help="start no phase after this many seconds"
     )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_scaling.py needs CUDA GPUs")
-    if args.part is None and not args.smoke:
-        sys.exit("bench_scaling.py: error: --part 1 or --part 2 (or --smoke)")
-    part_numbers = [args.part] if args.part else [1, 2]
+    n_gpus = torch.cuda.device_count()
+    if not n_gpus and not args.smoke:
+        sys.exit("bench_scaling.py needs CUDA GPUs (--smoke also runs on CPU ranks)")
     os.environ.update(HOST_ENV)
     # One Inductor cache for every run of this call: later runs hit the FX graph cache.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(WORK / "inductor_cache"))
     WORK.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = "smoke" if args.smoke else f"part{args.part}"
-    log_file = args.out / f"bench_scaling-{tag}.log"
+    log_file = args.out / f"bench_scaling{'-smoke' if args.smoke else ''}.log"
     log_file.write_text("")
-    steps = max(args.steps, LOSS_STEPS) if not args.smoke else LOSS_STEPS
+    steps = max(args.steps, LOSS_STEPS)
+    gpus = [str(i) for i in range(n_gpus)]
+    slots = n_gpus or 4  # CPU ranks: the same phases, without CUDA_VISIBLE_DEVICES
 
     results: dict[str, dict] = {}
     for prior in args.prior:
         results.update(json.loads(prior.read_text()))
-    raw_path = args.out / f"scaling-{tag}.json"
+    raw_path = args.out / f"scaling{'_smoke' if args.smoke else ''}-raw.json"
     start = time.monotonic()
-    runs = [run for n in part_numbers for run in parts(args.smoke)[n]]
-    own_keys = {f"{run.impl}|{run.case}" for run in runs}
-    for run in runs:
-        if run.ngpu > torch.cuda.device_count():
-            print(f"== skip {run.impl} {run.case}: needs {run.ngpu} GPUs", flush=True)
-            continue
+    for number, phase in enumerate(phases(args.smoke), 1):
+        fitting = [run for run in phase if run.ngpu <= slots]
+        for run in phase:
+            if run.ngpu > slots:
+                print(f"== phase {number}: skip {run.impl}: needs {run.ngpu} GPUs", flush=True)
         if time.monotonic() - start > args.budget:
-            print(f"== skip {run.impl} {run.case}: past the {args.budget}s budget", flush=True)
+            print(f"== phase {number}: skipped, past the {args.budget}s budget", flush=True)
             continue
-        if run.loss_curve:
-            prepare_loss_curve_inputs(run, log_file, args.timeout)
-        measured = run_variant(run, steps, log_file, args.timeout, env={"NGPU": str(run.ngpu)})
+        if any(run.loss_curve for run in fitting):
+            prepare_documents(fitting[0].seq_len)
+        print(f"== phase {number}: {', '.join(r.impl for r in fitting)}", flush=True)
+        results.update(run_phase(fitting, gpus, steps, log_file, args.timeout))
         print(f"   [{time.monotonic() - start:.0f}s elapsed]", flush=True)
-        if measured is None:
-            continue
-        measured["losses"] = {str(s): loss for s, loss in measured["losses"].items()}
-        results[f"{run.impl}|{run.case}"] = measured
-        own = {key: r for key, r in results.items() if key in own_keys}
-        raw_path.write_text(json.dumps(own, indent=1) + "\n")
+        raw_path.write_text(json.dumps(results, indent=1) + "\n")
 
     rows, summary = summarize(results)
     summary["steps_per_run"] = steps
-    command = (
-        "COMMIT=$(git rev-parse HEAD) python benchmarks/bench_scaling.py --part 1 --out $OUT; "
-    )
-    command += "... --part 2 --prior scaling-part1.json --out $OUT"
+    command = "COMMIT=$(git rev-parse HEAD) python benchmarks/bench_scaling.py --out $OUT"
     name = "scaling_smoke" if args.smoke else "scaling"
-    path = write_result(name, command, rows, summary, args.out, n_gpus=torch.cuda.device_count())
+    path = write_result(name, command, rows, summary, args.out, n_gpus=max(n_gpus, 1))
     print(path.with_suffix(".md").read_text())
 
 

@@ -33,7 +33,7 @@ from benchmarks.common import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC_LINE = re.compile(
-    r"step:\s*(?P<step>\d+)\s+loss:\s*(?P<loss>[\d.]+).*?memory:\s*(?P<mem>[\d.]+)GiB.*?"
+    r"step:\s*(?P<step>\d+)\s+loss:\s*(?P<loss>[\d.]+).*?memory:\s*(?P<mem>-?[\d.]+)GiB.*?"
     r"tps:\s*(?P<tps>[\d,]+).*?mfu:\s*(?P<mfu>[\d.]+)%"
 )
 TORCHTITAN_DENSE_1B = [

@@ -98,8 +98,8 @@ def test_int8_schemes_quantize_every_linear_but_wkv_b(scheme):
 
 
 def test_quantized_model_through_engine_and_compile_matches_its_forward(reference_decode):
-    """The engine's prefill and its absorbed decode step compiled by torch.compile compute the
-    quantized model's own logits."""
+    """The engine's prefill and its absorbed decode step compiled by torch.compile (one graph:
+    mla_decode is an opaque op inside it) compute the quantized model's own logits."""
     model = tiny_model()
     quantize_model(model, "int8_weight_only")
     sequence = tokens(1, 20)
@@ -108,7 +108,7 @@ def test_quantized_model_through_engine_and_compile_matches_its_forward(referenc
 
     cache = PagedLatentCache.for_model(TINY, max_tokens=64, page_size=16, dtype=torch.float32)
     engine = MLAEngine(model, cache)
-    compile_decode_step(engine, backend="aot_eager")
+    compile_decode_step(engine, backend="aot_eager", fullgraph=True)
     logits = [engine.prefill([sequence[0, :16].tolist()], [0], all_logits=True)[0]]
     for position in range(16, 20):
         logits.append(engine.decode(sequence[:, position : position + 1], [0])[0])
@@ -205,6 +205,38 @@ def test_ablation_cli_writes_table_json_plot_tensorboard_and_mlflow(tmp_path, re
         assert run.info.status == "FINISHED"
 
 
+def test_a_failing_variant_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    model = MLATransformer(mla_flavors["debugmodel"])
+    dcp.save(model.state_dict(), checkpoint_id=tmp_path / "checkpoint" / "step-1")
+    measure = ablate.measure_variant
+
+    def measure_or_fail(base_model, variant, *args, **kwargs):
+        if variant.name == "int8_dynamic":
+            raise RuntimeError("Inductor could not compile it")
+        return measure(base_model, variant, *args, **kwargs)
+
+    monkeypatch.setattr(ablate, "measure_variant", measure_or_fail)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        ablate.main([
+            "--job.config_file", str(REPO / "train_configs" / "debug_model.toml"),
+            "--model.kernels=torch", "--checkpoint", str(tmp_path / "checkpoint"),
+            "--schemes", "int8_dynamic,bf16", "--out", str(out),
+            "--eval-tokens", "256", "--eval-seq-len", "128", "--eval-batch", "2",
+            "--prefill-len", "16", "--decode-batches", "1", "--decode-context", "8",
+            "--decode-steps", "2", "--repeats", "1", "--no-compile",
+        ])  # fmt: skip
+    assert_expected_inline(
+        str(exit_info.value), """titan_mla.ablate: 1 variant(s) failed: int8_dynamic"""
+    )
+    [json_path] = out.glob("quant_ablation-*.json")
+    result = json.loads(json_path.read_text())
+    assert {row["impl"] for row in result["rows"]} == {"bf16"}
+    assert result["summary"]["failed_variants"] == {
+        "int8_dynamic": "RuntimeError: Inductor could not compile it"
+    }
+
+
 def test_float8_training_configs_are_mla_1b_plus_the_converter():
     """bench_train compares float8 and bf16 at equal settings: the float8 configs differ from
     mla_1b.toml only in the job name, the converter and its section."""
@@ -234,12 +266,26 @@ def test_float8_training_configs_are_mla_1b_plus_the_converter():
             }, section
 
 
-@pytest.mark.skipif(
+NEEDS_FP8_GPU = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
     reason="float8 needs a CUDA GPU of compute capability 8.9+",
 )
-@pytest.mark.parametrize("scheme", ["fp8_rowwise", "fp8_tensorwise", "fp8_weight_only"])
-def test_gpu_fp8_schemes_through_compiled_engine_close_to_bf16(scheme):
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        "int8_weight_only",
+        "int8_dynamic",
+        pytest.param("fp8_rowwise", marks=NEEDS_FP8_GPU),
+        pytest.param("fp8_tensorwise", marks=NEEDS_FP8_GPU),
+        pytest.param("fp8_weight_only", marks=NEEDS_FP8_GPU),
+    ],
+)
+def test_gpu_schemes_through_compiled_cuda_graph_engine_close_to_bf16(scheme):
+    """Inductor compiles the whole quantized decode step (fullgraph) and it is captured in a CUDA
+    graph: the deployment path of the ablation."""
     model = tiny_model().to(device="cuda", dtype=torch.bfloat16)
     sequence = tokens(1, 20).cuda()
     with torch.no_grad():
@@ -250,7 +296,7 @@ def test_gpu_fp8_schemes_through_compiled_engine_close_to_bf16(scheme):
         TINY, max_tokens=64, page_size=16, dtype=torch.bfloat16, device="cuda"
     )
     engine = MLAEngine(model, cache)
-    compile_decode_step(engine)
+    compile_decode_step(engine, fullgraph=True)
     engine.capture_cuda_graph(1)
     logits = [engine.prefill([sequence[0, :16].tolist()], [0], all_logits=True)[0]]
     for position in range(16, 20):

@@ -265,9 +265,12 @@ def run_ablation(
     device: torch.device,
     on_result: Callable[[VariantResult], None] | None = None,
     log: Callable[[str], None] = print,
+    failures: dict[str, str] | None = None,
 ) -> list[VariantResult]:
     """Measure every variant of ``model`` (loaded, eval mode) on ``device``; ``on_result`` is
-    called as each variant finishes."""
+    called as each variant finishes. With ``failures``, a variant that raises is recorded there
+    (name -> error) and the others still run: one scheme the stack cannot compile does not cost
+    the whole ablation."""
     if any(variant.scheme.config is not None for variant in variants) and settings.compile:
         # The Inductor settings torchao recommends for quantized models, for every variant alike
         # (the baseline included), so that they compile the same way.
@@ -278,7 +281,14 @@ def run_ablation(
     results = []
     for i, variant in enumerate(variants, 1):
         log(f"== [{i}/{len(variants)}] {variant.name}: {variant.scheme.description}")
-        result = measure_variant(model, variant, tokens, settings, device, log)
+        try:
+            result = measure_variant(model, variant, tokens, settings, device, log)
+        except Exception as err:
+            if failures is None:
+                raise
+            failures[variant.name] = f"{type(err).__name__}: {err}"[:2000]
+            log(f"   FAILED: {failures[variant.name]}")
+            continue
         if on_result is not None:
             on_result(result)
         results.append(result)
@@ -468,29 +478,45 @@ def main(argv: Sequence[str] | None = None, command: str | None = None) -> list[
         **{f"settings.{k}": v for k, v in dataclasses.asdict(settings).items()},
     }
     mlflow_uri = args.mlflow_uri or f"sqlite:///{(args.out / 'mlflow' / 'mlflow.db').resolve()}"
-    on_result = (lambda result: log_mlflow(result, params, mlflow_uri)) if args.mlflow else None
-    # The base model waits on the CPU; each variant copies it to the device.
-    model, tokenizer = generator.model.to("cpu"), generator.tokenizer
-    del generator  # and its small cache: each variant builds its own engine
-    results = run_ablation(model, tokenizer, variants, settings, device, on_result)
     command = command or shlex.join(
         ["python", "-m", "titan_mla.ablate", *(sys.argv[1:] if argv is None else argv)]
     )
-    json_path = write_outputs(results, settings, args.out, command)
+    results: list[VariantResult] = []
+    failures: dict[str, str] = {}
+
+    def on_result(result: VariantResult) -> None:
+        results.append(result)
+        # Rewritten after every variant: a run cut short keeps what it measured.
+        write_outputs(results, settings, args.out, command, failures)
+        if args.mlflow:
+            log_mlflow(result, params, mlflow_uri)
+
+    # The base model waits on the CPU; each variant copies it to the device.
+    model, tokenizer = generator.model.to("cpu"), generator.tokenizer
+    del generator  # and its small cache: each variant builds its own engine
+    run_ablation(model, tokenizer, variants, settings, device, on_result, failures=failures)
+    json_path = write_outputs(results, settings, args.out, command, failures)
     print(json_path.with_suffix(".md").read_text())
+    if failures:
+        sys.exit(f"{prog}: {len(failures)} variant(s) failed: {', '.join(failures)}")
     return results
 
 
 def write_outputs(
-    results: Sequence[VariantResult], settings: Settings, out: Path, command: str
+    results: Sequence[VariantResult],
+    settings: Settings,
+    out: Path,
+    command: str,
+    failures: dict[str, str] | None = None,
 ) -> Path:
     """The result file and its table, the PNG plot and the TensorBoard scalars (``out/tb``);
-    returns the JSON path."""
+    ``failures`` (variant -> error) go into the summary. Returns the JSON path."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.common import write_result
     from titan_mla.tensorboard import log_result_file
 
-    path = write_result(BENCHMARK, command, result_rows(results, settings), summary(results), out)
+    figures = {**summary(results), **({"failed_variants": failures} if failures else {})}
+    path = write_result(BENCHMARK, command, result_rows(results, settings), figures, out)
     plot(results, path.with_suffix(".png"))
     log_result_file(path, out / "tb")
     return path

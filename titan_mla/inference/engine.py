@@ -28,11 +28,6 @@ from titan_mla.ops.mla_decode import mla_decode
 
 from .cache import NULL_PAGE, CacheFullError, PagedLatentCache
 
-# A compiled decode step runs the attention kernel as it is, between compiled regions: Inductor's
-# build of the mla_decode Triton kernel fails on sm_90 with triton 3.6 (tl.dot accumulator check,
-# seen on H200), while the kernel launched directly and under CUDA graphs is tested and correct.
-_decode_attention = torch.compiler.disable(mla_decode)
-
 MAX_DECODE_TOKENS = 4  # new tokens per sequence per decode step (speculative decoding)
 
 
@@ -177,7 +172,7 @@ class MLAEngine:
             w_uk, w_uv = self.absorbed[i]
             q_latent = torch.einsum("bqhn,hnr->bqhr", q_nope, w_uk)
             latent_pool, k_pe_pool, latent_scale = self.cache.layer_views(i)
-            out_latent = _decode_attention(
+            out_latent = mla_decode(
                 q_latent,
                 q_pe,
                 latent_pool,

@@ -806,7 +806,7 @@ def mla_decode_triton(
             (batch, n_rows, num_splits), dtype=torch.float32, device=q_latent.device
         )
     grid = (triton.cdiv(n_rows, config.block_h), batch, num_splits)
-    torch.library.wrap_triton(_mla_decode_split_kernel)[grid](
+    _mla_decode_split_kernel[grid](
         q_latent,
         q_pe,
         latent_cache,
@@ -848,7 +848,7 @@ def mla_decode_triton(
         num_stages=config.num_stages,
     )
     if num_splits > 1:
-        torch.library.wrap_triton(_mla_decode_combine_kernel)[(batch * n_rows,)](
+        _mla_decode_combine_kernel[(batch * n_rows,)](
             partial_out,
             partial_lse,
             out,
@@ -932,10 +932,13 @@ def mla_decode_reference(
     denominator = weights.sum(dim=-1, keepdim=True)
     weights = weights / torch.where(denominator > 0, denominator, 1.0)
     out = torch.einsum("bqht,btr->bqhr", weights, latent)
-    return out.to(q_latent.dtype)
+    return out.to(q_latent.dtype).contiguous()  # the Triton branch's (and fake's) layout
 
 
-@torch.library.triton_op("titan_mla::mla_decode", mutates_args=())
+# An opaque custom op (not triton_op): Inductor cannot rebuild this kernel (sm_90, triton 3.6: its
+# re-specialisation trips a tl.dot accumulator check in _attend_tile), so a compiled decode step
+# calls the op as an extern kernel inside one graph, launched exactly as in eager mode.
+@torch.library.custom_op("titan_mla::mla_decode", mutates_args=())
 def _mla_decode_op(
     q_latent: Tensor,
     q_pe: Tensor,
@@ -964,6 +967,22 @@ def _mla_decode_op(
     return mla_decode_reference(
         q_latent, q_pe, latent_cache, k_pe_cache, block_table, seq_lens, softmax_scale, latent_scale
     )
+
+
+@_mla_decode_op.register_fake
+def _mla_decode_fake(
+    q_latent: Tensor,
+    q_pe: Tensor,
+    latent_cache: Tensor,
+    k_pe_cache: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    softmax_scale: float,
+    latent_scale: Tensor | None = None,
+    num_splits: int | None = None,
+) -> Tensor:
+    _check_inputs(q_latent, q_pe, latent_cache, k_pe_cache, block_table, seq_lens, latent_scale)
+    return q_latent.new_empty(q_latent.shape)
 
 
 def mla_decode(
