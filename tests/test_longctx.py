@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +18,7 @@ from titan_mla.longctx import eval as needle_eval
 from titan_mla.longctx.datasets import EVAL_SEED_BASE, NeedleDataset, needle_task
 from titan_mla.longctx.dpo import dpo_loss, sequence_logprobs
 from titan_mla.longctx.needles import HAYSTACKS, TASKS, NeedleGenerator, is_correct, parse_answers
-from titan_mla.models import MLATransformer, mla_flavors
+from titan_mla.models import MLAModelArgs, MLATransformer, mla_flavors
 
 DEBUG_CONFIG = str(REPO / "train_configs" / "passkey_debug.toml")
 
@@ -253,3 +254,139 @@ def test_evaluation_cli_on_a_tiny_model(tmp_path, monkeypatch):
     assert result["examples"] and all(e["completion"] for e in result["examples"])
     assert (out / "tiny.png").stat().st_size > 1000
     assert any((out / "tb").iterdir())
+
+
+def tiny_passkey_model(attention: str) -> MLATransformer:
+    """A random 2-layer model over the shipped tokenizer's 8192 ids, 128 positions."""
+    torch.manual_seed(0)
+    extra = {"kv_lora_rank": 32} if attention == "mla" else {}
+    args = MLAModelArgs(
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        vocab_size=8192,
+        ffn_hidden_dim=96,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=16,
+        v_head_dim=16,
+        attention=attention,
+        max_seq_len=128,
+        kernels="torch",
+        **extra,
+    )
+    model = MLATransformer(args)
+    with torch.no_grad():
+        model.init_weights()
+    return model.eval()
+
+
+def test_full_forward_passkey_completions_equal_the_latent_engines(monkeypatch):
+    """An MLA model completes the passkey prompts the same through its training forward as
+    through the latent-cache engine's prefill and decode (evaluate's path)."""
+    from titan_mla.inference.generator import Generator
+
+    monkeypatch.setattr("titan_mla.ops.dispatch.KERNELS_INTERPRETED", False)
+    model = tiny_passkey_model("mla")
+    needles = NeedleGenerator("passkey")
+    tokenizer = needles.tokenizer
+    generator = Generator(
+        model,
+        tokenizer,
+        max_batch=3,
+        max_seq_len=needle_eval.cache_seq_len([100]),
+        cuda_graph=False,
+    )
+    cpu = torch.device("cpu")
+    full = needle_eval.passkey_accuracy_full_forward(
+        model, tokenizer, 100, [0.0, 1.0], 3, cpu, batch=3
+    )
+    engine = needle_eval.evaluate(
+        generator, needles, [100], [0.0, 1.0], samples=3, batch=3, log=lambda _: None
+    )
+    assert full["accuracy_by_depth"] == engine["accuracy"][0]
+    assert [e["completion"] for e in engine["examples"]] == [c[0] for c in full["completions"]]
+    # Every prompt, token by token.
+    records = [needles.record(100, 0.5, EVAL_SEED_BASE + i) for i in range(3)]
+    prompts = [r.input_ids for r in records]
+    by_engine = needle_eval._complete(generator, prompts, 6)
+    by_forward = needle_eval.complete_full_forward(model, torch.tensor(prompts), 6).tolist()
+    assert by_forward == by_engine
+    assert len({t for ids in by_forward for t in ids}) > 3  # not one token over and over
+
+
+class PasskeyTeacher(torch.nn.Module):
+    """A causal stand-in for a model: after a passkey prompt of ``length`` tokens it predicts the
+    prompt's answer (the key, or the key + 1 where ``wrong(key)``) one token per position, as long
+    as the tokens fed back so far are that answer's; zeros elsewhere."""
+
+    def __init__(self, tokenizer, length: int, max_seq_len: int, wrong):
+        super().__init__()
+        self.tokenizer, self.length, self.wrong = tokenizer, length, wrong
+        self.model_args = SimpleNamespace(max_seq_len=max_seq_len)
+        self.shapes = set()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.shapes.add(tuple(tokens.shape))
+        logits = torch.zeros(*tokens.shape, 8192)
+        for row, ids in enumerate(tokens.tolist()):
+            prompt = self.tokenizer.decode(ids[: self.length])
+            key = int(re.search(r"The pass key is (\d+)\.", prompt)[1])
+            text = f" {key + 1 if self.wrong(key) else key}."
+            answer = self.tokenizer.encode(text, add_bos=False, add_eos=False)
+            for k, token in enumerate(answer):
+                if ids[self.length : self.length + k] == answer[:k]:
+                    logits[row, self.length - 1 + k, token] = 1.0
+        return logits
+
+
+@pytest.mark.parametrize("case", ["right", "garbage", "even_keys"])
+def test_full_forward_passkey_accuracy_of_constructed_models(case):
+    tokenizer = NeedleGenerator("passkey").tokenizer
+    wrong = {
+        "right": lambda key: False,
+        "garbage": lambda key: True,
+        "even_keys": lambda key: key % 2 == 1,
+    }[case]
+    teacher = PasskeyTeacher(tokenizer, 90, 100, wrong)
+    depths = [0.0, 0.5, 1.0]
+    result = needle_eval.passkey_accuracy_full_forward(
+        teacher, tokenizer, 90, depths, 5, torch.device("cpu"), batch=2
+    )
+    # The pass keys of the 5 samples (the same at every depth: the seed draws the key first).
+    keys = [
+        int(NeedleGenerator("passkey").record(90, d, EVAL_SEED_BASE + i).answers[0])
+        for d in depths
+        for i in range(5)
+    ]
+    expected = [sum(not wrong(k) for k in keys[j * 5 : (j + 1) * 5]) / 5 for j in range(3)]
+    assert result["accuracy_by_depth"] == expected
+    assert result["accuracy"] == pytest.approx(sum(expected) / 3)
+    assert {"right": 1.0, "garbage": 0.0}.get(case, result["accuracy"]) == result["accuracy"]
+    if case == "even_keys":
+        assert 0.0 < result["accuracy"] < 1.0  # both outcomes occur
+    # Batches of 2 then the remaining 1, over the model's whole window.
+    assert teacher.shapes == {(2, 100), (1, 100)}
+    assert all(
+        is_correct(c, [str(k)]) != wrong(k)
+        for c, k in zip([c for cs in result["completions"] for c in cs], keys, strict=True)
+    )
+
+
+def test_full_forward_passkey_accuracy_of_a_random_mha_model():
+    model = tiny_passkey_model("mha")
+    tokenizer = NeedleGenerator("passkey").tokenizer
+    result = needle_eval.passkey_accuracy_full_forward(
+        model, tokenizer, 120, [0.0, 1.0], 2, torch.device("cpu")
+    )
+    assert result["accuracy"] == 0.0 and result["accuracy_by_depth"] == [0.0, 0.0]
+    assert [len(c) for c in result["completions"]] == [2, 2] and all(
+        map(all, result["completions"])
+    )
+    with pytest.raises(ValueError) as error:
+        needle_eval.passkey_accuracy_full_forward(
+            model, tokenizer, 125, [0.0], 1, torch.device("cpu")
+        )
+    TestCase().assertExpectedInline(
+        str(error.value),
+        """125 prompt tokens and 5 new tokens need 129 positions; the model has max_seq_len=128""",
+    )

@@ -2,10 +2,10 @@
 
 Trains the same model at several ``kv_lora_rank`` values and as MHA and GQA baselines of the same
 width (same seed, same tokens in the same order, the project's model, AdamW and LR schedule), then
-reports per variant: validation loss and perplexity on held-out text, KV-cache bytes per token,
-decode tokens/s at a long context and parameters. Writes ``latent_ablation-<gpu>.json`` (the
-shared/notes/BENCHMARKS.md format) and ``.md`` beside it, and a PNG of validation loss against cache
-bytes per token.
+reports per variant: validation loss and perplexity on held-out text, passkey accuracy at the
+training length, KV-cache bytes per token, decode tokens/s at a long context and parameters. Writes
+``latent_ablation-<gpu>.json`` (the shared/notes/BENCHMARKS.md format) and ``.md`` beside it, and a
+PNG of validation loss against cache bytes per token.
 
     python -m titan_mla.ablate_latent --size full --gpus 0,1,2,3 --out results/   # one variant per GPU
     python -m titan_mla.ablate_latent --size debug --steps 4 --out /tmp/ablation    # CPU
@@ -13,8 +13,13 @@ bytes per token.
 Decode: MLA through the latent-cache MLAEngine (titan_mla::mla_decode over the paged latents);
 MHA/GQA through a dense (layer, batch, kv_heads, position, head_dim) KV cache and an SDPA decode
 step. Both run every layer of the model at the same batch and context, as CUDA graphs on GPU.
-Passkey accuracy is not reported: titan_mla.longctx's needle eval decodes through the MLA
-inference engine only, so it cannot score the MHA/GQA baselines.
+
+Passkey: the pretraining corpus (Python source) holds no passkey prompts, so after the validation
+loss is measured every variant is fine-tuned on the same ``--passkey-steps`` batches of passkey rows
+(titan_mla.longctx's supervised rows at the training length, loss on the answer only; the same
+optimizer and schedule as pretraining; 0: no fine-tune), then scored on ``--passkey-samples``
+prompts per needle depth that with their answer fill the training length, completed greedily
+through the training forward (titan_mla.longctx.eval.passkey_accuracy_full_forward: any attention).
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ from titan_mla.data import STDLIB_CORPUS, load_corpus
 from titan_mla.data.tokenizer import BOS_TOKEN, EOS_TOKEN, TOKENIZER_DIR
 from titan_mla.inference import MLAEngine, PagedLatentCache
 from titan_mla.inference.cache import cache_bytes_per_token
+from titan_mla.longctx.datasets import NeedleDataset
+from titan_mla.longctx.eval import passkey_accuracy_full_forward
+from titan_mla.longctx.needles import NeedleGenerator, load_tokenizer
 from titan_mla.models import MLAModelArgs, MLATransformer
 from titan_mla.models.rope import rope_cos_sin
 
@@ -70,6 +78,8 @@ SIZES: dict[str, dict[str, Any]] = {
         lr=3e-3,
         decode_batch=4,
         decode_context=2048,
+        passkey_steps=10,
+        passkey_samples=4,
     ),
     "full": dict(
         model=dict(
@@ -89,8 +99,16 @@ SIZES: dict[str, dict[str, Any]] = {
         lr=1.5e-3,
         decode_batch=32,
         decode_context=16384,
+        # Per variant on an H100, estimated from the pretraining's step time (0.1-0.14 s): 20-30 s
+        # of fine-tuning, a few seconds of scoring (5 depths x 32 prompts, ~6 forwards each).
+        passkey_steps=200,
+        passkey_samples=32,
     ),
 }
+PASSKEY_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+# Passkey prompts are this much shorter than the training length: room for the answer (up to 6
+# tokens for a 5-digit key), so prompt and answer fit the trained positions as the fine-tune rows do.
+PASSKEY_ANSWER_ROOM = 8
 
 
 @dataclass
@@ -118,6 +136,12 @@ class Setup:
     decode_context: int
     decode_iters: int
     kernels: str
+    passkey_steps: int  # fine-tune batches of ``batch`` rows
+    passkey_samples: int  # prompts per depth
+
+    @property
+    def passkey_prompt_tokens(self) -> int:
+        return self.seq_len - PASSKEY_ANSWER_ROOM
 
 
 def default_variants(ranks: list[int], gqa_kv_heads: int) -> list[Variant]:
@@ -291,68 +315,141 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def train_variant(
-    variant: Variant,
+def passkey_rows(setup: Setup) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels), each (passkey_steps x batch, seq_len): titan_mla.longctx's supervised
+    passkey rows (repeat haystack, key at a spread of depths, labels on the answer and its
+    end-of-sequence token only), drawn from ``setup.seed``: every variant fine-tunes on these."""
+    dataset = NeedleDataset(
+        NeedleGenerator("passkey", "repeat"), setup.seq_len, dpo=False, seed=setup.seed
+    )
+    inputs = torch.empty(setup.passkey_steps * setup.batch, setup.seq_len, dtype=torch.long)
+    labels = torch.empty_like(inputs)
+    for i in range(len(inputs)):
+        row, labels[i] = dataset.sample(i)
+        inputs[i] = row["input"]
+    return inputs, labels
+
+
+def train_steps(
+    model: MLATransformer,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
     setup: Setup,
-    train_rows: torch.Tensor,
-    val_rows: torch.Tensor,
+    steps: int,
+    warmup_steps: int,
     device: torch.device,
-) -> dict[str, Any]:
-    """Train ``variant`` on train_rows (setup.steps batches of setup.batch rows), evaluate it;
-    returns its result row."""
-    from torchtitan.components.loss import cross_entropy_loss
+    log_name: str,
+) -> tuple[list[float], float]:
+    """``steps`` optimizer steps on consecutive batches of ``setup.batch`` rows of inputs and
+    labels (IGNORE_INDEX: no loss): AdamW at setup.lr, warmup then cosine decay to a tenth,
+    gradients clipped to norm 1, the loss averaged over labelled tokens. Returns the losses and
+    the seconds taken."""
+    from torchtitan.components.loss import IGNORE_INDEX, cross_entropy_loss
     from torchtitan.components.lr_scheduler import build_lr_schedulers
     from torchtitan.components.optimizer import build_optimizers
     from torchtitan.config.job_config import LRScheduler, Optimizer
     from torchtitan.distributed.parallel_dims import ParallelDims
 
-    args = model_args(setup, variant)
-    torch.manual_seed(setup.seed)
-    with torch.device(device), torch.no_grad():
-        model = MLATransformer(args)
-        model.init_weights()
-    nparams, flops_per_token = args.get_nparams_and_flops(model, setup.seq_len)
     single = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
     optimizer_config = Optimizer(
         lr=setup.lr, implementation="fused" if device.type == "cuda" else "foreach"
     )
     optimizers = build_optimizers([model], optimizer_config, single)
-    schedule = LRScheduler(warmup_steps=setup.warmup_steps, decay_type="cosine", min_lr_factor=0.1)
-    lr_schedulers = build_lr_schedulers(optimizers, schedule, setup.steps)
-    if setup.compile:
-        # Per block, as titan_mla.parallelisms does: identical blocks share one compiled graph.
-        for layer in model.layers.values():
-            layer.compile()
+    schedule = LRScheduler(warmup_steps=warmup_steps, decay_type="cosine", min_lr_factor=0.1)
+    lr_schedulers = build_lr_schedulers(optimizers, schedule, steps)
 
+    model.train()
     losses = []
     start_time = time.perf_counter()
-    for step in range(setup.steps):
-        chunk = train_rows[step * setup.batch : (step + 1) * setup.batch].to(device)
+    for step in range(steps):
+        rows = slice(step * setup.batch, (step + 1) * setup.batch)
+        batch_inputs, batch_labels = inputs[rows].to(device), labels[rows].to(device)
         with _autocast(device):
-            loss = cross_entropy_loss(model(chunk[:, :-1]), chunk[:, 1:]) / chunk[:, 1:].numel()
+            loss = cross_entropy_loss(model(batch_inputs), batch_labels)
+            loss = loss / (batch_labels != IGNORE_INDEX).sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
         optimizers.step()
         lr_schedulers.step()
         optimizers.zero_grad()
         losses.append(loss.item())
-        if step % max(setup.steps // 10, 1) == 0 or step == setup.steps - 1:
-            tokens_per_s = (step + 1) * chunk[:, 1:].numel() / (time.perf_counter() - start_time)
+        if step % max(steps // 10, 1) == 0 or step == steps - 1:
+            tokens_per_s = (step + 1) * batch_inputs.numel() / (time.perf_counter() - start_time)
             print(
-                f"[{variant.name}] step {step + 1}/{setup.steps} loss {losses[-1]:.4f} "
+                f"[{log_name}] step {step + 1}/{steps} loss {losses[-1]:.4f} "
                 f"{tokens_per_s:,.0f} tokens/s",
                 flush=True,
             )
-    train_s = time.perf_counter() - start_time
     model.eval()
+    return losses, time.perf_counter() - start_time
+
+
+def train_variant(
+    variant: Variant,
+    setup: Setup,
+    train_rows: torch.Tensor,
+    val_rows: torch.Tensor,
+    passkey_data: tuple[torch.Tensor, torch.Tensor],
+    device: torch.device,
+) -> dict[str, Any]:
+    """Train ``variant`` on train_rows (setup.steps batches of setup.batch rows), measure its
+    validation loss, fine-tune it on passkey_data (passkey_rows), score its passkey accuracy and
+    time its decode; returns its result row."""
+    args = model_args(setup, variant)
+    torch.manual_seed(setup.seed)
+    with torch.device(device), torch.no_grad():
+        model = MLATransformer(args)
+        model.init_weights()
+    nparams, flops_per_token = args.get_nparams_and_flops(model, setup.seq_len)
+    if setup.compile:
+        # Per block, as titan_mla.parallelisms does: identical blocks share one compiled graph.
+        for layer in model.layers.values():
+            layer.compile()
+
+    losses, train_s = train_steps(
+        model,
+        train_rows[:, :-1],
+        train_rows[:, 1:],
+        setup,
+        setup.steps,
+        setup.warmup_steps,
+        device,
+        variant.name,
+    )
+    # Before the passkey fine-tune: the loss of the pretrained model.
     val_loss = validation_loss(model, val_rows, setup.batch, device)
-    del optimizers, lr_schedulers
+
+    passkey_losses, passkey_train_s = [], 0.0
+    if setup.passkey_steps:
+        passkey_losses, passkey_train_s = train_steps(
+            model,
+            *passkey_data,
+            setup,
+            setup.passkey_steps,
+            max(setup.passkey_steps // 10, 1),
+            device,
+            f"{variant.name} passkey",
+        )
+    start_time = time.perf_counter()
+    with _autocast(device):
+        passkey = passkey_accuracy_full_forward(
+            model,
+            load_tokenizer(),
+            setup.passkey_prompt_tokens,
+            PASSKEY_DEPTHS,
+            setup.passkey_samples,
+            device,
+            # Compiled: batches of the validation's shape reuse its graph.
+            batch=setup.batch if setup.compile else None,
+        )
+    passkey_eval_s = time.perf_counter() - start_time
 
     cache_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model.to(cache_dtype)
     decode = decode_tokens_per_s(model, setup, device)
     print(
-        f"[{variant.name}] val loss {val_loss:.4f}, decode {decode:,.0f} tokens/s at context "
+        f"[{variant.name}] val loss {val_loss:.4f}, passkey accuracy {passkey['accuracy']:.1%} "
+        f"after {setup.passkey_steps} fine-tune steps, decode {decode:,.0f} tokens/s at context "
         f"{setup.decode_context} x batch {setup.decode_batch}",
         flush=True,
     )
@@ -362,11 +459,20 @@ def train_variant(
         "flops_per_token": flops_per_token,
         "val_loss": val_loss,
         "val_ppl": math.exp(val_loss),
+        "passkey_acc": passkey["accuracy"],
+        "passkey_acc_by_depth": dict(
+            zip(map(str, PASSKEY_DEPTHS), passkey["accuracy_by_depth"], strict=True)
+        ),
+        # The first prompt's completion at every depth.
+        "passkey_examples": [texts[0] for texts in passkey["completions"]],
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(args, cache_dtype),
         "cache_dtype": str(cache_dtype).removeprefix("torch."),
         "decode_tokens_per_s": decode,
         "train_seconds": train_s,
         "train_losses": losses,
+        "passkey_train_seconds": passkey_train_s,
+        "passkey_eval_seconds": passkey_eval_s,
+        "passkey_losses": passkey_losses,
     }
 
 
@@ -387,10 +493,11 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def result_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def result_rows(results: list[dict[str, Any]], seq_len: int) -> list[dict[str, Any]]:
     metrics = {
         "val_loss": "val loss (nats)",
         "val_ppl": "val perplexity",
+        "passkey_acc": f"passkey acc @ {seq_len}",
         "kv_cache_bytes_per_token": "KV cache bytes/token",
         "decode_tokens_per_s": "decode tokens/s",
         "params": "parameters",
@@ -407,16 +514,17 @@ def result_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def variant_table(results: list[dict[str, Any]]) -> str:
+def variant_table(results: list[dict[str, Any]], seq_len: int) -> str:
     """One markdown row per variant."""
     lines = [
-        "| variant | params | val loss | val ppl | KV bytes/token | decode tokens/s |",
-        "|---|---|---|---|---|---|",
+        f"| variant | params | val loss | val ppl | passkey acc @ {seq_len} | KV bytes/token "
+        "| decode tokens/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['variant']['name']} | {r['params']:,} | {r['val_loss']:.4f} | "
-            f"{r['val_ppl']:.2f} | {r['kv_cache_bytes_per_token']:,} | "
+            f"{r['val_ppl']:.2f} | {r['passkey_acc']:.2f} | {r['kv_cache_bytes_per_token']:,} | "
             f"{r['decode_tokens_per_s']:,.1f} |"
         )
     return "\n".join(lines)
@@ -489,7 +597,12 @@ def _worker(spec_path: Path) -> None:
     data = torch.load(spec["data"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = train_variant(
-        Variant(**spec["variant"]), Setup(**spec["setup"]), data["train"], data["val"], device
+        Variant(**spec["variant"]),
+        Setup(**spec["setup"]),
+        data["train"],
+        data["val"],
+        (data["passkey_inputs"], data["passkey_labels"]),
+        device,
     )
     Path(spec["result"]).write_text(json.dumps(result))
 
@@ -498,7 +611,8 @@ def log_to_mlflow(
     results: list[dict[str, Any]], setup: Setup, files: list[Path], tracking_uri: str
 ) -> None:
     """One MLflow run per variant under one experiment: the model and training setup as params,
-    the per-step training loss and the final figures as metrics, the result files as artifacts."""
+    the per-step training and passkey fine-tune losses and the final figures as metrics, the
+    result files as artifacts."""
     import mlflow
 
     from titan_mla.tracking import start_variant_run
@@ -509,7 +623,15 @@ def log_to_mlflow(
         with start_variant_run(MLFLOW_EXPERIMENT, variant["name"], params, tracking_uri):
             for step, loss in enumerate(r["train_losses"], start=1):
                 mlflow.log_metric("loss", loss, step=step)
-            for key in ("val_loss", "val_ppl", "kv_cache_bytes_per_token", "decode_tokens_per_s"):
+            for step, loss in enumerate(r["passkey_losses"], start=1):
+                mlflow.log_metric("passkey_loss", loss, step=step)
+            for key in (
+                "val_loss",
+                "val_ppl",
+                "passkey_acc",
+                "kv_cache_bytes_per_token",
+                "decode_tokens_per_s",
+            ):
                 mlflow.log_metric(key, r[key])
             mlflow.log_metric("params", r["params"])
             for path in files:
@@ -540,6 +662,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decode-batch", type=int)
     parser.add_argument("--decode-context", type=int)
     parser.add_argument("--decode-iters", type=int, default=5, help="timed eager steps (CPU)")
+    parser.add_argument(
+        "--passkey-steps", type=int, help="passkey fine-tune steps before scoring (0: none)"
+    )
+    parser.add_argument("--passkey-samples", type=int, help="passkey prompts per needle depth")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--gpus", default="", help="e.g. 0,1,2,3: variants run one per GPU")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to validate a machine")
@@ -554,7 +680,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_setup(opts: argparse.Namespace, on_gpu: bool) -> Setup:
     preset = SIZES[opts.size]
-    smoke = dict(steps=3, batch=4, seq_len=128, val_tokens=2048, decode_context=512)
+    smoke = dict(
+        steps=3,
+        batch=4,
+        seq_len=128,
+        val_tokens=2048,
+        decode_context=512,
+        passkey_steps=2,
+        passkey_samples=2,
+    )
     if opts.smoke:
         preset = {**preset, **smoke}
 
@@ -578,6 +712,8 @@ def build_setup(opts: argparse.Namespace, on_gpu: bool) -> Setup:
         decode_iters=opts.decode_iters,
         # The Triton kernels on GPU; on CPU the plain ops (the same numerics, less dispatch).
         kernels="triton" if on_gpu else "torch",
+        passkey_steps=pick("passkey_steps"),
+        passkey_samples=pick("passkey_samples"),
     )
 
 
@@ -602,6 +738,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     variants = default_variants(ranks, gqa_kv_heads)
     for variant in variants:
         model_args(setup, variant)  # a bad rank or head count fails here, before any training
+    try:  # a too short training length fails here too
+        NeedleGenerator("passkey", "repeat").record(setup.passkey_prompt_tokens, 0.0, 0)
+    except ValueError as err:
+        raise ValueError(
+            f"seq_len {setup.seq_len} is too short for the passkey eval, whose prompts have "
+            f"seq_len - {PASSKEY_ANSWER_ROOM} tokens: {err}"
+        ) from None
 
     out = opts.out
     out.mkdir(parents=True, exist_ok=True)
@@ -611,21 +754,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     val_rows = token_sequences(
         opts.dataset, "validation", math.ceil(setup.val_tokens / setup.seq_len), setup.seq_len, None
     )
+    passkey_inputs, passkey_labels = passkey_rows(setup)
     train_tokens = setup.steps * setup.batch * setup.seq_len
     print(
         f"latent ablation: {len(variants)} variants x {train_tokens:,} training tokens "
-        f"({opts.dataset}), {val_rows[:, 1:].numel():,} validation tokens",
+        f"({opts.dataset}), {val_rows[:, 1:].numel():,} validation tokens, then "
+        f"{setup.passkey_steps} passkey fine-tune steps and "
+        f"{setup.passkey_samples * len(PASSKEY_DEPTHS)} passkey prompts",
         flush=True,
     )
     if gpus:
         # The workers' inputs and results: tokens, specs, result rows (not outputs to keep).
         with tempfile.TemporaryDirectory(prefix="latent_ablation_") as exchange:
             data_path = Path(exchange) / "tokens.pt"
-            torch.save({"train": train_rows, "val": val_rows}, data_path)
+            data = {"train": train_rows, "val": val_rows}
+            data |= {"passkey_inputs": passkey_inputs, "passkey_labels": passkey_labels}
+            torch.save(data, data_path)
             results = _run_workers(variants, setup, data_path, gpus, Path(exchange))
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        results = [train_variant(v, setup, train_rows, val_rows, device) for v in variants]
+        passkey_data = (passkey_inputs, passkey_labels)
+        results = [
+            train_variant(v, setup, train_rows, val_rows, passkey_data, device) for v in variants
+        ]
 
     summary = {
         **summarize(results),
@@ -633,21 +784,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "val_tokens": val_rows[:, 1:].numel(),
         "decode_context": setup.decode_context,
         "decode_batch": setup.decode_batch,
-        # titan_mla.longctx's needle eval decodes through the MLA engine only: no MHA/GQA path.
-        "passkey": "not measured",
+        "passkey_acc_at_train_len": {r["variant"]["name"]: r["passkey_acc"] for r in results},
+        "passkey_prompt_tokens": setup.passkey_prompt_tokens,
+        "passkey_depths": PASSKEY_DEPTHS,
+        "passkey_prompts": setup.passkey_samples * len(PASSKEY_DEPTHS),
+        "passkey_finetune_steps": setup.passkey_steps,
+        "passkey_finetune_rows": setup.passkey_steps * setup.batch,
         "variants_at_once": max(len(gpus), 1),
     }
     command = shlex.join(["python", "-m", "titan_mla.ablate_latent", *(argv or sys.argv[1:])])
-    json_path = _write_result(command, result_rows(results), summary, out)
+    json_path = _write_result(command, result_rows(results, setup.seq_len), summary, out)
     result = json.loads(json_path.read_text())
     result["variants"] = results
     result["setup"] = dataclasses.asdict(setup)
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     table_path = json_path.with_suffix(".md")
-    table_path.write_text(table_path.read_text() + "\n" + variant_table(results) + "\n")
+    table = variant_table(results, setup.seq_len)
+    table_path.write_text(table_path.read_text() + "\n" + table + "\n")
     png_path = json_path.with_suffix(".png")
     plot(results, png_path)
-    print(variant_table(results))
+    print(table)
     print(f"wrote {json_path}, {table_path}, {png_path}", flush=True)
     if opts.mlflow:
         from titan_mla.tracking import default_tracking_uri

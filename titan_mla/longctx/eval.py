@@ -10,6 +10,9 @@ its answers. ``--rope-factor`` applies YaRN at evaluation (from ``--original-seq
 training length) to a model trained without it. Writes ``<out>/<name>.json`` (accuracy per cell,
 per length, overall, a few completions), ``<out>/<name>.png`` (heatmap) and TensorBoard scalars
 ``<name>/accuracy/len_<L>`` (step = depth in percent) and ``<name>/accuracy`` under ``<out>/tb``.
+
+``passkey_accuracy_full_forward`` scores the same prompts through a model's plain forward instead
+of the engine, so models without a latent cache (MHA, GQA) are scored too.
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torchtitan.components.tokenizer import HuggingFaceTokenizer
 
 import titan_mla  # noqa: F401  (first: picks the device for torchtitan)
 from titan_mla.inference.checkpoint import checkpoint_cli_parser
 from titan_mla.inference.generator import Generator
 
 from .datasets import EVAL_SEED_BASE
-from .needles import HAYSTACKS, TASKS, NeedleGenerator, is_correct
+from .needles import HAYSTACKS, TASKS, NeedleGenerator, NeedleRecord, is_correct
 
 
 def cache_seq_len(lengths: list[int], page_size: int = 64) -> int:
@@ -78,6 +82,11 @@ def _complete(generator: Generator, prompts: list[list[int]], new_tokens: int) -
     return torch.stack(out, dim=1).tolist()
 
 
+def _answer_tokens(tokenizer: HuggingFaceTokenizer, records: list[NeedleRecord]) -> int:
+    """Tokens to generate for a group of prompts: the longest of their answers."""
+    return max(len(tokenizer.encode(r.answer_text, add_bos=False, add_eos=False)) for r in records)
+
+
 def evaluate(
     generator: Generator,
     needles: NeedleGenerator,
@@ -100,11 +109,9 @@ def evaluate(
             correct = 0
             for first in range(0, samples, batch):
                 group = records[first : first + batch]
-                answer_tokens = max(
-                    len(tokenizer.encode(r.answer_text, add_bos=False, add_eos=False))
-                    for r in group
+                completions = _complete(
+                    generator, [r.input_ids for r in group], _answer_tokens(tokenizer, group)
                 )
-                completions = _complete(generator, [r.input_ids for r in group], answer_tokens)
                 for record, ids in zip(group, completions, strict=True):
                     text = tokenizer.decode(ids)
                     correct += is_correct(text, record.answers)
@@ -135,6 +142,73 @@ def evaluate(
         "accuracy_overall": sum(map(sum, accuracy)) / (len(lengths) * len(depths)),
         "seconds": time.perf_counter() - start,
         "examples": examples,
+    }
+
+
+@torch.no_grad()
+def complete_full_forward(
+    model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int
+) -> torch.Tensor:
+    """Greedy completions (batch, new_tokens) of ``prompts`` (batch, length) through the model's
+    plain forward, no cache: any attention, one full forward per new token. The forward always
+    sees all ``model_args.max_seq_len`` positions: causal attention makes a position's logits
+    independent of the positions after it (zeros, then the tokens still to come), and one shape
+    lets a compiled model reuse one graph."""
+    batch, length = prompts.shape
+    window = model.model_args.max_seq_len
+    if length + new_tokens - 1 > window:
+        raise ValueError(
+            f"{length} prompt tokens and {new_tokens} new tokens need "
+            f"{length + new_tokens - 1} positions; the model has max_seq_len={window}"
+        )
+    tokens = prompts.new_zeros(batch, window)
+    tokens[:, :length] = prompts
+    completion = []
+    for position in range(length - 1, length - 1 + new_tokens):
+        next_tokens = model(tokens)[:, position].argmax(-1)
+        completion.append(next_tokens)
+        if position + 1 < window:
+            tokens[:, position + 1] = next_tokens
+    return torch.stack(completion, dim=1)
+
+
+def passkey_accuracy_full_forward(
+    model: torch.nn.Module,
+    tokenizer: HuggingFaceTokenizer,
+    length: int,
+    depths: list[float],
+    samples: int,
+    device: torch.device,
+    *,
+    batch: int | None = None,
+) -> dict[str, Any]:
+    """Passkey accuracy (repeat haystack) of any model with the training forward, MHA and GQA as
+    well as MLA: at every depth, ``samples`` prompts of ``length`` tokens (the seeds of
+    ``evaluate``), completed greedily by complete_full_forward ``batch`` prompts at a time
+    (default: all at once) and scored as ``evaluate`` scores them."""
+    needles = NeedleGenerator("passkey", "repeat", tokenizer=tokenizer)
+    records = [
+        needles.record(length, depth, EVAL_SEED_BASE + i)
+        for depth in depths
+        for i in range(samples)
+    ]
+    batch = batch or len(records)
+    texts = []
+    for first in range(0, len(records), batch):
+        group = records[first : first + batch]
+        prompts = torch.tensor([r.input_ids for r in group], device=device)
+        ids = complete_full_forward(model, prompts, _answer_tokens(tokenizer, group))
+        texts += [tokenizer.decode(row) for row in ids.tolist()]
+    correct = [is_correct(t, r.answers) for t, r in zip(texts, records, strict=True)]
+    by_depth = [sum(correct[i : i + samples]) / samples for i in range(0, len(records), samples)]
+    completions = [texts[i : i + samples] for i in range(0, len(records), samples)]
+    return {
+        "length": length,
+        "depths": depths,
+        "samples": samples,
+        "accuracy": sum(by_depth) / len(by_depth),
+        "accuracy_by_depth": by_depth,
+        "completions": completions,  # [depth][sample]
     }
 
 
