@@ -204,6 +204,37 @@ def test_pages_return_to_the_pool(model, reference_decode):
     assert len(cache.free_pages) == 31 and cache.block_table[1].eq(0).all()
 
 
+def test_compiled_decode_step_is_one_layer_graph_writing_the_cache_in_place(
+    model, reference_decode
+):
+    """compile_decode_step builds two graphs (a decode layer that every layer reuses, the head),
+    and Inductor's layer code writes the new latent into the cache pool it was given without
+    allocating a copy of the pool (a functionalized write into a view of the all-layer pool copies
+    the whole cache per layer and step: 1.1 s instead of 5 ms at 640 MB on CPU)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from titan_mla.quantization import compile_decode_step
+
+    engine = make_engine(model, max_seqs=1)  # 32 pages of 16 tokens (+ the null page)
+    engine.prefill([random_tokens(1, 20)[0].tolist()], [0])
+    pool_before = engine.cache.latent.clone()
+    compile_decode_step(engine, fullgraph=True)
+    torch._dynamo.utils.counters.clear()
+    _, code = run_and_get_code(lambda: engine.decode(torch.tensor([[7]]), [0]))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    assert not torch._dynamo.utils.counters["recompiles"]
+
+    lines = "\n".join(code).splitlines()
+    pool_shape = str(tuple(engine.cache.latent.shape[1:]))[1:-1]
+    allocations = [line for line in lines if "empty_strided" in line]
+    assert not [line for line in allocations if pool_shape in line], allocations
+    assert len([line for line in lines if "write_latent_cache.default(" in line]) == 1
+    # Position 20 (page 1, slot 4 of the sequence's pages) changed in every layer, nothing else.
+    changed = (engine.cache.latent != pool_before).any(dim=-1).nonzero().tolist()
+    page = engine.cache.block_table[0, 1].item()
+    assert changed == [[layer, page, 4] for layer in range(TINY.n_layers)]
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = torch.tensor([[3.0, 2.0, 1.0, -5.0]]).log_softmax(-1).expand(2000, -1)
     rng = torch.Generator().manual_seed(0)
@@ -252,7 +283,7 @@ def test_model_prefixed_checkpoint_loads(tmp_path):
     torch.manual_seed(0)
     expected = MLATransformer(mla_flavors["debugmodel"]).state_dict()
     for name, tensor in generator.model.state_dict().items():
-        assert torch.equal(tensor, expected[name]), name
+        assert torch.equal(tensor.cpu(), expected[name]), name
 
 
 TRAIN_OVERRIDES = (

@@ -27,6 +27,33 @@ from titan_mla.ops.mla_decode import dequantize_latent_fp8, quantize_latent_fp8
 NULL_PAGE = 0
 
 
+@torch.library.custom_op(
+    "titan_mla::write_latent_cache", mutates_args=("latent_pool", "k_pe_pool", "scale_pool")
+)
+def write_latent_cache(
+    latent_pool: Tensor,
+    k_pe_pool: Tensor,
+    scale_pool: Tensor,
+    slots: Tensor,
+    latent: Tensor,
+    k_pe: Tensor,
+    scale: Tensor,
+) -> None:
+    """Store rows ``latent`` (n, kv_lora_rank), ``k_pe`` (n, rope_dim) and fp8 ``scale`` (n,
+    groups; groups = 0 for a bf16/fp32 cache) at flat token ``slots`` (n,) of one layer's pools
+    (pages, page_size, dim), in place.
+
+    An op with declared mutations rather than index_copy_ on views of the all-layer pool: under
+    torch.compile, functionalizing a write into a view regenerates the whole multi-layer pool
+    (a full copy of the cache per layer and step); this op is a single in-place node instead.
+    """
+    if latent_pool.dtype == torch.float8_e4m3fn:  # index_copy_ has no float8 kernels: copy bytes
+        latent_pool, latent = latent_pool.view(torch.uint8), latent.view(torch.uint8)
+    latent_pool.flatten(0, 1).index_copy_(0, slots, latent)
+    k_pe_pool.flatten(0, 1).index_copy_(0, slots, k_pe)
+    scale_pool.flatten(0, 1).index_copy_(0, slots, scale)
+
+
 class CacheFullError(RuntimeError):
     """A sequence asked for more pages than the pool has free, or than a block-table row holds."""
 
@@ -201,16 +228,20 @@ class PagedLatentCache:
 
     def write(self, layer: int, slots: Tensor, latent: Tensor, k_pe: Tensor) -> None:
         """Store latents (..., kv_lora_rank) and rotary keys (..., rope_dim) at ``slots`` (...)."""
-        slots = slots.flatten()
+        self.write_pools(self.layer_pools(layer), slots, latent, k_pe)
+
+    def write_pools(
+        self, pools: tuple[Tensor, Tensor, Tensor], slots: Tensor, latent: Tensor, k_pe: Tensor
+    ) -> None:
+        """``write`` into one layer's ``layer_pools``: a compiled decode layer takes the pools as
+        inputs, so that one graph serves every layer."""
         latent = latent.flatten(0, -2).to(self.dtype)
-        latent_pool = self.latent[layer].flatten(0, 1)
         if self.fp8:
             latent, scale = quantize_latent_fp8(latent, group_size=self.fp8_group_size)
-            self.latent_scale[layer].flatten(0, 1).index_copy_(0, slots, scale)
-            # index_copy_ has no float8 kernels: copy the bytes.
-            latent, latent_pool = latent.view(torch.uint8), latent_pool.view(torch.uint8)
-        latent_pool.index_copy_(0, slots, latent)
-        self.k_pe[layer].flatten(0, 1).index_copy_(0, slots, k_pe.flatten(0, -2).to(self.dtype))
+        else:
+            scale = latent.new_empty(latent.shape[0], 0, dtype=torch.float32)
+        k_pe = k_pe.flatten(0, -2).to(self.dtype)
+        write_latent_cache(*pools, slots.flatten(), latent, k_pe, scale)
 
     def read(self, layer: int, block_table: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
         """Latents (batch, num_tokens, kv_lora_rank), dequantized to the cache dtype, and rotary keys
@@ -222,11 +253,10 @@ class PagedLatentCache:
             latent = dequantize_latent_fp8(latent, scale, self.dtype)
         return latent, self.k_pe[layer][pages].flatten(1, 2)[:, :num_tokens]
 
-    def layer_views(self, layer: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(latent, k_pe, latent_scale) pools of one layer as the decode kernel takes them:
-        (num_pages, page_size, dim); the scale is None unless the cache is FP8."""
-        scale = self.latent_scale[layer] if self.fp8 else None
-        return self.latent[layer], self.k_pe[layer], scale
+    def layer_pools(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(latent, k_pe, latent_scale) pools of one layer, (num_pages, page_size, dim) each; the
+        scale pool has 0 groups unless the cache is FP8."""
+        return self.latent[layer], self.k_pe[layer], self.latent_scale[layer]
 
 
 def cache_bytes_per_token(

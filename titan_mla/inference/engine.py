@@ -163,27 +163,47 @@ class MLAEngine:
 
         h = self.model.tok_embeddings(tokens)
         for i, layer in enumerate(self.model.layers.values()):
-            attention = layer.attention
-            q_nope, q_pe, latent, k_pe = self._project(
-                attention, layer.attention_norm(h), positions
+            pools = self.cache.layer_pools(i)
+            h = self.decode_layer(
+                layer, h, positions, slots, block_table, seq_lens, pools, self.absorbed[i]
             )
-            self.cache.write(i, slots, latent, k_pe)
+        return self.decode_head(h)
 
-            w_uk, w_uv = self.absorbed[i]
-            q_latent = torch.einsum("bqhn,hnr->bqhr", q_nope, w_uk)
-            latent_pool, k_pe_pool, latent_scale = self.cache.layer_views(i)
-            out_latent = mla_decode(
-                q_latent,
-                q_pe,
-                latent_pool,
-                k_pe_pool,
-                block_table,
-                seq_lens,
-                self.softmax_scale,
-                latent_scale=latent_scale,
-            )
-            out = torch.einsum("bqhr,hvr->bqhv", out_latent, w_uv)
-            h = self._feed_forward(layer, attention.wo(out.flatten(2)), h)
+    def decode_layer(
+        self,
+        layer: TransformerBlock,
+        h: Tensor,
+        positions: Tensor,
+        slots: Tensor,
+        block_table: Tensor,
+        seq_lens: Tensor,
+        pools: tuple[Tensor, Tensor, Tensor],
+        absorbed: tuple[Tensor, Tensor],
+    ) -> Tensor:
+        """One block of the decode step: everything that differs between layers comes in as
+        arguments, so torch.compile of this method builds one graph for all of them."""
+        attention = layer.attention
+        q_nope, q_pe, latent, k_pe = self._project(attention, layer.attention_norm(h), positions)
+        self.cache.write_pools(pools, slots, latent, k_pe)
+
+        w_uk, w_uv = absorbed
+        latent_pool, k_pe_pool, scale_pool = pools
+        q_latent = torch.einsum("bqhn,hnr->bqhr", q_nope, w_uk)
+        out_latent = mla_decode(
+            q_latent,
+            q_pe,
+            latent_pool,
+            k_pe_pool,
+            block_table,
+            seq_lens,
+            self.softmax_scale,
+            latent_scale=scale_pool if self.cache.fp8 else None,
+        )
+        out = torch.einsum("bqhr,hvr->bqhv", out_latent, w_uv)
+        return self._feed_forward(layer, attention.wo(out.flatten(2)), h)
+
+    def decode_head(self, h: Tensor) -> Tensor:
+        """Final norm and output projection of the decode step (compiled on its own)."""
         return self.model.output(self.model.norm(h))
 
     def capture_cuda_graph(self, batch: int, q_len: int = 1) -> None:
