@@ -311,7 +311,9 @@ def test_variant_trains_compiled_and_decodes_in_a_cuda_graph(variant):
         passkey_steps=2,
         passkey_samples=4,
     )
-    rows = torch.randint(0, 8192, (24, 129), generator=torch.Generator().manual_seed(0))
+    # Tokens drawn from 64 of the 8,192 ids: learning their unigram distribution drops the loss
+    # by > 2 nats in 4 steps (on random ids of the whole vocabulary it only wanders by noise).
+    rows = torch.randint(0, 64, (24, 129), generator=torch.Generator().manual_seed(0))
     spec = (
         Variant("mla_r64", "mla", kv_lora_rank=64)
         if variant == "mla"
@@ -319,7 +321,7 @@ def test_variant_trains_compiled_and_decodes_in_a_cuda_graph(variant):
     )
     data = passkey_rows(setup)
     result = train_variant(spec, setup, rows[:16], rows[16:], data, torch.device("cuda"))
-    assert result["train_losses"][-1] < result["train_losses"][0]
+    assert result["train_losses"][-1] < result["train_losses"][0] - 1.0
     assert len(result["passkey_losses"]) == 2 and 0.0 <= result["passkey_acc"] <= 1.0
     assert math.isfinite(result["val_loss"]) and result["decode_tokens_per_s"] > 0
     assert result["cache_dtype"] == "bfloat16"
