@@ -4,6 +4,7 @@
   train_configs/passkey_debug.toml), then evaluated through the inference engine at 1x, 2x, 4x and
   8x that length, as trained (no YaRN: positions beyond training are extrapolated) and with YaRN
   applied at evaluation (rope_factor 8 from the training length). Summary: passkey_acc_at_train_len.
+  At every context length L the prompts have L - 8 tokens, so that prompt and answer fit in L.
 --stage 1b: the 1B flavor trained at 4096 (train_configs/passkey_1b.toml), extended with YaRN to
   32768 by a short fine-tune (train_configs/mla_1b_yarn32k.toml), evaluated at 4K, 32K and 128K.
   Summary: passkey_acc_4k, passkey_acc_32k, passkey_acc_128k.
@@ -34,6 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import gpu_tag, write_result
 
 REPO = Path(__file__).resolve().parents[1]
+# Prompts of L - ANSWER_ROOM tokens at a context length L: the answer (" 12345.", at most 6
+# tokens) then ends within L positions, as in the training rows, instead of at positions (and query
+# to BOS distances) the model never saw at its training length.
+ANSWER_ROOM = 8
 LOSS_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*([\d.]+)")
 
 
@@ -146,7 +151,7 @@ def stage_small(args) -> tuple[list[dict], dict, dict]:
         ],
         args.timeout,
     )
-    lengths = [train_len * f for f in (1, 2, 4, 8)]
+    lengths = [train_len * f - ANSWER_ROOM for f in (1, 2, 4, 8)]
     depths = [0.0, 0.25, 0.5, 0.75, 1.0]
     samples = 2 if args.smoke else args.samples
     overrides = (f"--training.seq_len={train_len}",)
@@ -172,7 +177,8 @@ def stage_small(args) -> tuple[list[dict], dict, dict]:
     for condition, result in results.items():
         rows += rows_of("small", condition, result)
     summary = {
-        "passkey_acc_at_train_len": results["no YaRN"]["accuracy_by_length"][str(train_len)],
+        "passkey_acc_at_train_len": results["no YaRN"]["accuracy_by_length"][str(lengths[0])],
+        "passkey_prompt_tokens_at_train_len": lengths[0],
         "small_train_len": train_len,
         "small_train_steps": run["steps"],
         "small_train_seconds": round(run["seconds"], 1),
@@ -180,7 +186,7 @@ def stage_small(args) -> tuple[list[dict], dict, dict]:
     for factor in (2, 4, 8):
         for condition, key in (("no YaRN", "noyarn"), ("YaRN x8 at eval", "yarn")):
             summary[f"passkey_acc_{factor}x_{key}"] = results[condition]["accuracy_by_length"][
-                str(train_len * factor)
+                str(train_len * factor - ANSWER_ROOM)
             ]
     return rows, summary, results
 
@@ -240,12 +246,17 @@ def stage_1b(args) -> tuple[list[dict], dict, dict]:
     eval_32k = (*tiny[:1], f"--training.seq_len={long_}")
     results = {
         "4K stage": evaluate_checkpoint(
-            "passkey_1b.toml", run_4k["checkpoint"], [short], depths, samples, overrides=eval_4k
+            "passkey_1b.toml",
+            run_4k["checkpoint"],
+            [short - ANSWER_ROOM],
+            depths,
+            samples,
+            overrides=eval_4k,
         ),
         "YaRN 32K stage": evaluate_checkpoint(
             "mla_1b_yarn32k.toml",
             run_32k["checkpoint"],
-            [short, long_],
+            [short - ANSWER_ROOM, long_ - ANSWER_ROOM],
             depths,
             samples,
             chunk_size=8192,
@@ -254,7 +265,7 @@ def stage_1b(args) -> tuple[list[dict], dict, dict]:
         "YaRN 32K stage at 128K": evaluate_checkpoint(
             "mla_1b_yarn32k.toml",
             run_32k["checkpoint"],
-            [longest],
+            [longest - ANSWER_ROOM],
             depths,
             max(1, samples // 5),
             chunk_size=8192,
@@ -271,7 +282,9 @@ def stage_1b(args) -> tuple[list[dict], dict, dict]:
         rows += rows_of("1b", condition, result)
     summary = {
         "passkey_acc_4k": results["4K stage"]["accuracy_overall"],
-        "passkey_acc_32k": results["YaRN 32K stage"]["accuracy_by_length"][str(long_)],
+        "passkey_acc_32k": results["YaRN 32K stage"]["accuracy_by_length"][
+            str(long_ - ANSWER_ROOM)
+        ],
         "passkey_acc_128k": results["YaRN 32K stage at 128K"]["accuracy_overall"],
         "1b_train_steps_4k": run_4k["steps"],
         "1b_train_steps_32k": run_32k["steps"],
