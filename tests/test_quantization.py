@@ -205,36 +205,54 @@ def test_ablation_cli_writes_table_json_plot_tensorboard_and_mlflow(tmp_path, re
         assert run.info.status == "FINISHED"
 
 
-def test_a_failing_variant_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+def test_failed_variants_and_measurements_are_recorded_and_the_rest_still_runs(
+    tmp_path, monkeypatch
+):
     model = MLATransformer(mla_flavors["debugmodel"])
     dcp.save(model.state_dict(), checkpoint_id=tmp_path / "checkpoint" / "step-1")
-    measure = ablate.measure_variant
+    measure, decode = ablate.measure_variant, ablate.decode_throughput
 
     def measure_or_fail(base_model, variant, *args, **kwargs):
         if variant.name == "int8_dynamic":
             raise RuntimeError("Inductor could not compile it")
         return measure(base_model, variant, *args, **kwargs)
 
+    def decode_or_fail(engine, tokens, batch, *args, **kwargs):
+        if batch == 2 and is_quantized(engine.model.output.weight):
+            raise RuntimeError("self.size(0) needs to be greater than 16, but got 2")
+        return decode(engine, tokens, batch, *args, **kwargs)
+
     monkeypatch.setattr(ablate, "measure_variant", measure_or_fail)
+    monkeypatch.setattr(ablate, "decode_throughput", decode_or_fail)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
         ablate.main([
             "--job.config_file", str(REPO / "train_configs" / "debug_model.toml"),
             "--model.kernels=torch", "--checkpoint", str(tmp_path / "checkpoint"),
-            "--schemes", "int8_dynamic,bf16", "--out", str(out),
+            "--schemes", "int8_dynamic,bf16,int8_weight_only", "--out", str(out),
             "--eval-tokens", "256", "--eval-seq-len", "128", "--eval-batch", "2",
-            "--prefill-len", "16", "--decode-batches", "1", "--decode-context", "8",
+            "--prefill-len", "16", "--decode-batches", "1,2", "--decode-context", "8",
             "--decode-steps", "2", "--repeats", "1", "--no-compile",
         ])  # fmt: skip
     assert_expected_inline(
-        str(exit_info.value), """titan_mla.ablate: 1 variant(s) failed: int8_dynamic"""
+        str(exit_info.value),
+        """titan_mla.ablate: 2 measurement(s) failed: int8_dynamic, int8_weight_only decode_b2""",
     )
     [json_path] = out.glob("quant_ablation-*.json")
     result = json.loads(json_path.read_text())
-    assert {row["impl"] for row in result["rows"]} == {"bf16"}
-    assert result["summary"]["failed_variants"] == {
-        "int8_dynamic": "RuntimeError: Inductor could not compile it"
+    decode_rows = {(r["case"], r["impl"]) for r in result["rows"] if r["case"].startswith("decode")}
+    assert decode_rows == {
+        ("decode_b1_ctx8", "bf16"),
+        ("decode_b2_ctx8", "bf16"),
+        ("decode_b1_ctx8", "int8_weight_only"),
     }
+    assert result["summary"]["failures"] == {
+        "int8_dynamic": "RuntimeError: Inductor could not compile it",
+        "int8_weight_only decode_b2": "RuntimeError: self.size(0) needs to be greater than 16, "
+        "but got 2",
+    }
+    assert "int8wo_decode_speedup" in result["summary"]
+    assert "int8wo_decode_b2_speedup" not in result["summary"]
 
 
 def test_float8_training_configs_are_mla_1b_plus_the_converter():

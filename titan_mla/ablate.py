@@ -92,6 +92,8 @@ class VariantResult:
     weight_bytes: int
     peak_memory_bytes: int | None  # None on CPU
     quantized_modules: int
+    # Measurements that failed (e.g. "decode_b1" -> the error); the others are still reported.
+    errors: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def validation_tokens(tokenizer: Any, count: int) -> torch.Tensor:
@@ -237,10 +239,15 @@ def measure_variant(
     log(f"   ppl {ppl:.4f} ({time.perf_counter() - start:.1f}s)")
     prefill = prefill_throughput(engine, tokens, settings, timer)
     log(f"   prefill {prefill:,.0f} tokens/s")
-    decode = {}
+    decode, errors = {}, {}
     for batch in settings.decode_batches:
         start = time.perf_counter()
-        decode[batch] = decode_throughput(engine, tokens, batch, settings, timer)
+        try:
+            decode[batch] = decode_throughput(engine, tokens, batch, settings, timer)
+        except Exception as err:  # e.g. a batch size a quantized matmul cannot compile for
+            errors[f"decode_b{batch}"] = f"{type(err).__name__}: {err}"[:2000]
+            log(f"   decode batch {batch}: FAILED: {errors[f'decode_b{batch}']}")
+            continue
         log(
             f"   decode batch {batch}: {decode[batch]:,.1f} tokens/s "
             f"({time.perf_counter() - start:.1f}s with compile/capture)"
@@ -254,6 +261,7 @@ def measure_variant(
         weight_bytes=weight_bytes(model.parameters()),
         peak_memory_bytes=peak,
         quantized_modules=len(quantized),
+        errors=errors,
     )
 
 
@@ -335,6 +343,8 @@ def summary(results: Sequence[VariantResult]) -> dict[str, float | None]:
         if ours is None:
             continue
         for batch, rate in ours.decode_tokens_per_s.items():
+            if batch not in baseline.decode_tokens_per_s:
+                continue
             suffix = "" if batch == 1 else f"_b{batch}"
             out[f"{key}_decode{suffix}_speedup"] = round(
                 rate / baseline.decode_tokens_per_s[batch], 4
@@ -356,10 +366,9 @@ def plot(results: Sequence[VariantResult], path: Path) -> Path | None:
 
     names = [r.variant for r in results]
     panels = [("held-out perplexity", [r.ppl for r in results])]
-    for batch in results[0].decode_tokens_per_s:
-        panels.append(
-            (f"decode tokens/s, batch {batch}", [r.decode_tokens_per_s[batch] for r in results])
-        )
+    for batch in sorted({batch for r in results for batch in r.decode_tokens_per_s}):
+        rates = [r.decode_tokens_per_s.get(batch, math.nan) for r in results]  # failed: no bar
+        panels.append((f"decode tokens/s, batch {batch}", rates))
     panels.append(("weights (MiB)", [r.weight_bytes / 2**20 for r in results]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.5))
     for ax, (title, values) in zip(axes, panels, strict=True):
@@ -486,6 +495,7 @@ def main(argv: Sequence[str] | None = None, command: str | None = None) -> list[
 
     def on_result(result: VariantResult) -> None:
         results.append(result)
+        failures.update({f"{result.variant} {what}": err for what, err in result.errors.items()})
         # Rewritten after every variant: a run cut short keeps what it measured.
         write_outputs(results, settings, args.out, command, failures)
         if args.mlflow:
@@ -498,7 +508,7 @@ def main(argv: Sequence[str] | None = None, command: str | None = None) -> list[
     json_path = write_outputs(results, settings, args.out, command, failures)
     print(json_path.with_suffix(".md").read_text())
     if failures:
-        sys.exit(f"{prog}: {len(failures)} variant(s) failed: {', '.join(failures)}")
+        sys.exit(f"{prog}: {len(failures)} measurement(s) failed: {', '.join(failures)}")
     return results
 
 
@@ -515,7 +525,7 @@ def write_outputs(
     from benchmarks.common import write_result
     from titan_mla.tensorboard import log_result_file
 
-    figures = {**summary(results), **({"failed_variants": failures} if failures else {})}
+    figures = {**summary(results), **({"failures": failures} if failures else {})}
     path = write_result(BENCHMARK, command, result_rows(results, settings), figures, out)
     plot(results, path.with_suffix(".png"))
     log_result_file(path, out / "tb")
