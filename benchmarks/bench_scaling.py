@@ -80,6 +80,10 @@ class Run:
         precision = "float8" if self.float8 else "bf16"
         return f"{self.flavor}_seq{self.seq_len}_b{self.batch}_ac-{ac}_{precision}"
 
+    @property
+    def dump_folder(self) -> Path:
+        return SEED_FOLDER if self.name == "seed" else WORK / self.impl / self.case
+
     def args(self, steps: int) -> list[str]:
         # float8: tensorwise scaling, with float8 FSDP2 all-gathers on several GPUs.
         config = FLOAT8_CONFIGS["tensorwise"] if self.float8 else "train_configs/mla_1b.toml"
@@ -97,7 +101,7 @@ class Run:
             "--metrics.disable_color_printing",
             "--metrics.no-enable-tensorboard",
             "--checkpoint.no-enable",
-            f"--job.dump_folder={WORK / 'seed' if self.name == 'seed' else WORK / self.impl / self.case}",
+            f"--job.dump_folder={self.dump_folder}",
         ]
         if self.name == "seed":
             args += [
@@ -119,7 +123,8 @@ class Run:
 
 
 WORK = Path(tempfile.gettempdir()) / "bench_scaling"
-SEED_CHECKPOINT = WORK / "seed" / "checkpoint" / "step-0"
+SEED_FOLDER = WORK / "seed"
+SEED_CHECKPOINT = SEED_FOLDER / "checkpoint" / "step-0"
 NO_COMPILE = ["--compile.no-enable"]
 
 
@@ -189,7 +194,7 @@ def run_phase(
             env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
         timeout = int(timeout_s * run.timeout_factor)
         if run.name == "seed":
-            shutil.rmtree(WORK / "seed", ignore_errors=True)
+            shutil.rmtree(run.dump_folder, ignore_errors=True)
         measured = run_variant(run, steps, log_file, timeout, env=env)
         if run.name == "seed":  # a seed run logs no steps: run_variant reports it as failed
             if not SEED_CHECKPOINT.is_dir():

@@ -10,6 +10,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,7 +141,11 @@ def test_unknown_and_unsupported_schemes_are_clear_errors():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow is not installed")
-def test_ablation_cli_writes_table_json_plot_tensorboard_and_mlflow(tmp_path, reference_decode):
+def run_tiny_ablation(
+    tmp_path, schemes: str, decode_batches: str, *options: str
+) -> tuple[MLATransformer, Path]:
+    """Save a debugmodel checkpoint and run the ablation CLI over it at tiny sizes, eagerly;
+    returns the model and the output folder."""
     torch.manual_seed(0)
     model = MLATransformer(mla_flavors["debugmodel"])
     with torch.no_grad():
@@ -150,11 +155,16 @@ def test_ablation_cli_writes_table_json_plot_tensorboard_and_mlflow(tmp_path, re
     ablate.main([
         "--job.config_file", str(REPO / "train_configs" / "debug_model.toml"),
         "--model.kernels=torch", "--checkpoint", str(tmp_path / "checkpoint"),
-        "--schemes", "bf16,int8_weight_only,bf16+fp8cache", "--out", str(out),
+        "--schemes", schemes, "--out", str(out),
         "--eval-tokens", "256", "--eval-seq-len", "128", "--eval-batch", "2",
-        "--prefill-len", "16", "--decode-batches", "1", "--decode-context", "8",
-        "--decode-steps", "2", "--repeats", "1", "--no-compile", "--mlflow",
+        "--prefill-len", "16", "--decode-batches", decode_batches, "--decode-context", "8",
+        "--decode-steps", "2", "--repeats", "1", "--no-compile", *options,
     ])  # fmt: skip
+    return model, out
+
+
+def test_ablation_cli_writes_table_json_plot_tensorboard_and_mlflow(tmp_path, reference_decode):
+    model, out = run_tiny_ablation(tmp_path, "bf16,int8_weight_only,bf16+fp8cache", "1", "--mlflow")
 
     [json_path] = out.glob("quant_ablation-*.json")
     result = json.loads(json_path.read_text())
@@ -208,8 +218,6 @@ def test_ablation_cli_writes_table_json_plot_tensorboard_and_mlflow(tmp_path, re
 def test_failed_variants_and_measurements_are_recorded_and_the_rest_still_runs(
     tmp_path, monkeypatch
 ):
-    model = MLATransformer(mla_flavors["debugmodel"])
-    dcp.save(model.state_dict(), checkpoint_id=tmp_path / "checkpoint" / "step-1")
     measure, decode = ablate.measure_variant, ablate.decode_throughput
 
     def measure_or_fail(base_model, variant, *args, **kwargs):
@@ -224,16 +232,9 @@ def test_failed_variants_and_measurements_are_recorded_and_the_rest_still_runs(
 
     monkeypatch.setattr(ablate, "measure_variant", measure_or_fail)
     monkeypatch.setattr(ablate, "decode_throughput", decode_or_fail)
-    out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        ablate.main([
-            "--job.config_file", str(REPO / "train_configs" / "debug_model.toml"),
-            "--model.kernels=torch", "--checkpoint", str(tmp_path / "checkpoint"),
-            "--schemes", "int8_dynamic,bf16,int8_weight_only", "--out", str(out),
-            "--eval-tokens", "256", "--eval-seq-len", "128", "--eval-batch", "2",
-            "--prefill-len", "16", "--decode-batches", "1,2", "--decode-context", "8",
-            "--decode-steps", "2", "--repeats", "1", "--no-compile",
-        ])  # fmt: skip
+        run_tiny_ablation(tmp_path, "int8_dynamic,bf16,int8_weight_only", "1,2")
+    out = tmp_path / "out"
     assert_expected_inline(
         str(exit_info.value),
         """titan_mla.ablate: 2 measurement(s) failed: int8_dynamic, int8_weight_only decode_b2""",

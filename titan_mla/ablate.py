@@ -96,6 +96,11 @@ class VariantResult:
     errors: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
+def describe_error(err: Exception) -> str:
+    """A failed measurement as the result file records it."""
+    return f"{type(err).__name__}: {err}"[:2000]
+
+
 def validation_tokens(tokenizer: Any, count: int) -> torch.Tensor:
     """The first ``count`` tokens of the default corpus's validation split, each text encoded as
     training encodes it (BOS ... EOS) and concatenated."""
@@ -245,7 +250,7 @@ def measure_variant(
         try:
             decode[batch] = decode_throughput(engine, tokens, batch, settings, timer)
         except Exception as err:  # e.g. a batch size a quantized matmul cannot compile for
-            errors[f"decode_b{batch}"] = f"{type(err).__name__}: {err}"[:2000]
+            errors[f"decode_b{batch}"] = describe_error(err)
             log(f"   decode batch {batch}: FAILED: {errors[f'decode_b{batch}']}")
             continue
         log(
@@ -277,8 +282,8 @@ def run_ablation(
 ) -> list[VariantResult]:
     """Measure every variant of ``model`` (loaded, eval mode) on ``device``; ``on_result`` is
     called as each variant finishes. With ``failures``, a variant that raises is recorded there
-    (name -> error) and the others still run: one scheme the stack cannot compile does not cost
-    the whole ablation."""
+    (name -> error), as is each failed measurement of the others ("name what" -> error), and the
+    rest still runs: one scheme the stack cannot compile does not cost the whole ablation."""
     if any(variant.scheme.config is not None for variant in variants) and settings.compile:
         # The Inductor settings torchao recommends for quantized models, for every variant alike
         # (the baseline included), so that they compile the same way.
@@ -294,9 +299,11 @@ def run_ablation(
         except Exception as err:
             if failures is None:
                 raise
-            failures[variant.name] = f"{type(err).__name__}: {err}"[:2000]
+            failures[variant.name] = describe_error(err)
             log(f"   FAILED: {failures[variant.name]}")
             continue
+        if failures is not None:
+            failures.update({f"{variant.name} {what}": e for what, e in result.errors.items()})
         if on_result is not None:
             on_result(result)
         results.append(result)
@@ -495,9 +502,9 @@ def main(argv: Sequence[str] | None = None, command: str | None = None) -> list[
 
     def on_result(result: VariantResult) -> None:
         results.append(result)
-        failures.update({f"{result.variant} {what}": err for what, err in result.errors.items()})
-        # Rewritten after every variant: a run cut short keeps what it measured.
-        write_outputs(results, settings, args.out, command, failures)
+        # The result file is rewritten after every variant: a run cut short keeps what it
+        # measured (the plot and TensorBoard scalars follow once, at the end).
+        write_result_file(results, settings, args.out, command, failures)
         if args.mlflow:
             log_mlflow(result, params, mlflow_uri)
 
@@ -512,6 +519,22 @@ def main(argv: Sequence[str] | None = None, command: str | None = None) -> list[
     return results
 
 
+def write_result_file(
+    results: Sequence[VariantResult],
+    settings: Settings,
+    out: Path,
+    command: str,
+    failures: dict[str, str] | None = None,
+) -> Path:
+    """The result file and its markdown table; ``failures`` (what -> error) go into the summary.
+    Returns the JSON path."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.common import write_result
+
+    figures = {**summary(results), **({"failures": failures} if failures else {})}
+    return write_result(BENCHMARK, command, result_rows(results, settings), figures, out)
+
+
 def write_outputs(
     results: Sequence[VariantResult],
     settings: Settings,
@@ -519,14 +542,11 @@ def write_outputs(
     command: str,
     failures: dict[str, str] | None = None,
 ) -> Path:
-    """The result file and its table, the PNG plot and the TensorBoard scalars (``out/tb``);
-    ``failures`` (variant -> error) go into the summary. Returns the JSON path."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks.common import write_result
+    """``write_result_file``, then the PNG plot and the TensorBoard scalars (``out/tb``);
+    returns the JSON path."""
     from titan_mla.tensorboard import log_result_file
 
-    figures = {**summary(results), **({"failures": failures} if failures else {})}
-    path = write_result(BENCHMARK, command, result_rows(results, settings), figures, out)
+    path = write_result_file(results, settings, out, command, failures)
     plot(results, path.with_suffix(".png"))
     log_result_file(path, out / "tb")
     return path
