@@ -91,6 +91,7 @@ def evaluate_checkpoint(
     original_seq_len: int | None = None,
     chunk_size: int = 4096,
     overrides: tuple[str, ...] = (),
+    dtype: torch.dtype | None = None,
 ) -> dict:
     from titan_mla.inference.generator import Generator
     from titan_mla.longctx.eval import cache_seq_len, evaluate, with_yarn
@@ -106,6 +107,7 @@ def evaluate_checkpoint(
         max_seq_len=max_seq_len,
         chunk_size=chunk_size,
         cuda_graph=False,
+        dtype=dtype,
     )
     if rope_factor:
         generator = with_yarn(
@@ -155,9 +157,16 @@ def stage_small(args) -> tuple[list[dict], dict, dict]:
     depths = [0.0, 0.25, 0.5, 0.75, 1.0]
     samples = 2 if args.smoke else args.samples
     overrides = (f"--training.seq_len={train_len}",)
+    dtype = getattr(torch, args.small_eval_dtype)
     results = {
         "no YaRN": evaluate_checkpoint(
-            "passkey_debug.toml", run["checkpoint"], lengths, depths, samples, overrides=overrides
+            "passkey_debug.toml",
+            run["checkpoint"],
+            lengths,
+            depths,
+            samples,
+            overrides=overrides,
+            dtype=dtype,
         ),
         "YaRN x8 at eval": evaluate_checkpoint(
             "passkey_debug.toml",
@@ -168,6 +177,7 @@ def stage_small(args) -> tuple[list[dict], dict, dict]:
             rope_factor=8.0,
             original_seq_len=train_len,
             overrides=overrides,
+            dtype=dtype,
         ),
     }
     rows = [
@@ -182,6 +192,7 @@ def stage_small(args) -> tuple[list[dict], dict, dict]:
         "small_train_len": train_len,
         "small_train_steps": run["steps"],
         "small_train_seconds": round(run["seconds"], 1),
+        "small_eval_dtype": args.small_eval_dtype,
     }
     for factor in (2, 4, 8):
         for condition, key in (("no YaRN", "noyarn"), ("YaRN x8 at eval", "yarn")):
@@ -301,6 +312,12 @@ def main() -> None:
     parser.add_argument("--small-steps", type=int, default=2000)
     parser.add_argument("--small-batch", type=int, default=32)
     parser.add_argument("--small-lr", type=float, help="default: passkey_debug.toml's")
+    parser.add_argument(
+        "--small-eval-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="small stage evaluation precision (default: float32, as passkey_debug.toml trains)",
+    )
     parser.add_argument("--steps-4k", type=int, default=200)
     parser.add_argument("--batch-4k", type=int, default=8)
     parser.add_argument("--lr-4k", type=float, default=5e-4)

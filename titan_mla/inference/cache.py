@@ -196,7 +196,9 @@ class PagedLatentCache:
             )
         if new > 0:
             fresh = [self.free_pages.pop() for _ in range(new)]
-            self.block_table[seq, len(pages) : needed] = torch.tensor(fresh, dtype=torch.int32)
+            self.block_table[seq, len(pages) : needed] = host_to_device(
+                fresh, self.block_table.device
+            )
             pages.extend(fresh)
         self.lengths[seq] = end
         return start
@@ -257,6 +259,18 @@ class PagedLatentCache:
         """(latent, k_pe, latent_scale) pools of one layer, (num_pages, page_size, dim) each; the
         scale pool has 0 groups unless the cache is FP8."""
         return self.latent[layer], self.k_pe[layer], self.latent_scale[layer]
+
+
+def host_to_device(
+    values: list[int], device: torch.device | str, dtype: torch.dtype = torch.int32
+) -> Tensor:
+    """A small tensor of host ``values`` on ``device``, sent without waiting for the device: a
+    plain copy from pageable memory synchronizes the stream, which every decode step would pay
+    (the GPU idles while the host prepares the next step)."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def cache_bytes_per_token(

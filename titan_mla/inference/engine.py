@@ -26,7 +26,7 @@ from titan_mla.models.model import MultiHeadLatentAttention, TransformerBlock
 from titan_mla.models.rope import rope_cos_sin
 from titan_mla.ops.mla_decode import mla_decode
 
-from .cache import NULL_PAGE, CacheFullError, PagedLatentCache
+from .cache import NULL_PAGE, CacheFullError, PagedLatentCache, host_to_device
 
 MAX_DECODE_TOKENS = 4  # new tokens per sequence per decode step (speculative decoding)
 
@@ -145,13 +145,23 @@ class MLAEngine:
             )
         self._extend(seqs, [q_len] * batch)
         lengths = [self.cache.lengths[seq] for seq in seqs]
-        seq_lens = torch.tensor(lengths, dtype=torch.int32, device=self.device)
+        # Nothing here waits for the device: the host prepares step n + 1 while step n runs.
+        seq_lens = host_to_device(lengths, self.device)
+        block_table = self._block_table_rows(seqs)
         graph = self.graphs.get((batch, q_len))
         if graph is not None:
-            return graph.replay(tokens, self.cache.block_table[seqs], seq_lens)
+            return graph.replay(tokens, block_table, seq_lens)
         # Eager: a block table only as wide as the longest sequence needs.
         pages = math.ceil(max(lengths) / self.cache.page_size)
-        return self.decode_step(tokens, self.cache.block_table[seqs, :pages], seq_lens)
+        return self.decode_step(tokens, block_table[:, :pages], seq_lens)
+
+    def _block_table_rows(self, seqs: list[int]) -> Tensor:
+        """The block-table rows of ``seqs``: a view when they are consecutive (the usual batch),
+        else gathered with an index sent asynchronously."""
+        first = seqs[0]
+        if list(seqs) == list(range(first, first + len(seqs))):
+            return self.cache.block_table[first : first + len(seqs)]
+        return self.cache.block_table[host_to_device(seqs, self.device, torch.long)]
 
     @torch.inference_mode()
     def decode_step(self, tokens: Tensor, block_table: Tensor, seq_lens: Tensor) -> Tensor:
