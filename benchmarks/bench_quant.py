@@ -89,7 +89,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="training steps (default 200; smoke 10)")
     parser.add_argument("--schemes", default=ALL_SCHEMES)
     parser.add_argument("--no-compile", action="store_true", help="decode without torch.compile")
-    args = parser.parse_args()
+    # Other options (e.g. --compile-mode, --torchao-matmuls-only) go to python -m titan_mla.ablate.
+    args, ablate_extra = parser.parse_known_args()
     if not torch.cuda.is_available():
         sys.exit("bench_quant.py needs a CUDA GPU")
     config, train_overrides, ablate_options = SMOKE if args.smoke else FULL
@@ -111,6 +112,7 @@ def main() -> None:
         str(args.out),
         *ablate_options,
         *(["--no-compile"] if args.no_compile else []),
+        *ablate_extra,
     ]
     print(f"== ablation: python -m titan_mla.ablate {shlex.join(argv)}", flush=True)
     start = time.monotonic()

@@ -56,6 +56,8 @@ MLFLOW_EXPERIMENT = "quant_ablation"
 # Summary keys of issue 6: (key prefix, variant) -> {prefix}_decode_speedup, {prefix}_ppl_rel_delta.
 SUMMARY_VARIANTS = {"int8wo": "int8_weight_only", "fp8_rowwise": "fp8_rowwise"}
 BASELINE = "bf16"
+# The decode step is captured in our own CUDA graphs: no mode that adds Inductor's.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 @dataclasses.dataclass
@@ -70,6 +72,8 @@ class Settings:
     decode_steps: int = 64
     repeats: int = 3
     compile: bool = True
+    compile_mode: str = "default"  # torch.compile's mode for the decode step
+    torchao_matmuls_only: bool = False  # no titan_mla decode kernels for quantized weights
     cuda_graph: bool = True
     skip: tuple[str, ...] = DEFAULT_SKIP
 
@@ -144,7 +148,7 @@ def build_engine(model: MLATransformer, settings: Settings, fp8_cache: bool) -> 
     )
     engine = MLAEngine(model, cache)
     if settings.compile:
-        compile_decode_step(engine)
+        compile_decode_step(engine, mode=settings.compile_mode)
     return engine
 
 
@@ -237,7 +241,12 @@ def measure_variant(
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model = copy.deepcopy(base_model).to(device)
-    quantized = quantize_model(model, variant.scheme, skip=settings.skip)
+    quantized = quantize_model(
+        model,
+        variant.scheme,
+        skip=settings.skip,
+        torchao_matmuls_only=settings.torchao_matmuls_only,
+    )
     engine = build_engine(model, settings, variant.fp8_cache)
     start = time.perf_counter()
     ppl = perplexity(engine, tokens, settings)
@@ -436,6 +445,18 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--decode-steps", type=int, default=defaults.decode_steps)
     parser.add_argument("--repeats", type=int, default=defaults.repeats)
     parser.add_argument("--no-compile", action="store_true", help="decode eagerly")
+    parser.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default=defaults.compile_mode,
+        help="torch.compile mode of the decode step (max-autotune: Triton GEMM templates that "
+        "read int8/fp8 weights directly; minutes more compilation)",
+    )
+    parser.add_argument(
+        "--torchao-matmuls-only",
+        action="store_true",
+        help="quantized matmuls exactly as torchao runs them (no titan_mla int8 decode kernel)",
+    )
     parser.add_argument("--no-cuda-graph", action="store_true")
     parser.add_argument(
         "--skip-modules",
@@ -466,6 +487,8 @@ def main(argv: Sequence[str] | None = None, command: str | None = None) -> list[
             decode_steps=args.decode_steps,
             repeats=args.repeats,
             compile=not args.no_compile,
+            compile_mode=args.compile_mode,
+            torchao_matmuls_only=args.torchao_matmuls_only,
             cuda_graph=not args.no_cuda_graph,
             skip=tuple(name for name in args.skip_modules.split(",") if name),
         )

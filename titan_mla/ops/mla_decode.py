@@ -602,16 +602,17 @@ class DecodeConfig:
 # Tuned launch parameters, keyed by (cache kind, block_h, few programs), where "few programs" means
 # batch x head groups <= SM count / 8 (a few long sequences: the split count decides the speed).
 # `python benchmarks/bench_mla_decode.py --tune` prints a replacement for this table. Checked by
-# compiling for sm_90 without register spills (tests/test_ops_mla_decode.py). Starting values
-# (H100 at 62b6ce8): a bf16 cache takes the pipeliner's cp.async double buffer (num_stages 5, as
-# the page-table load takes stages of its own); an fp8 cache prefetches in registers, except at
-# 64 rows, where that would spill.
+# compiling for sm_90 without register spills (tests/test_ops_mla_decode.py). Values: the --tune
+# run on H100 at 16ed0bd (candidates timed as CUDA-graph replays, as the benchmark rows): bf16
+# takes the pipeliner's cp.async buffers, fewer splits per SM than the 4 first guessed (2 for many
+# sequences, 1 for a few long ones: 1.16x at batch 128 x 4096, 1.16x at one 1M sequence); an fp8
+# cache prefetches in registers, except at 64 rows, where that would spill.
 TUNED_CONFIGS: dict[tuple[str, int, bool], DecodeConfig] = {
-    ("bf16", 16, False): DecodeConfig(16, 32, 8, 5, prefetch=False),
-    ("bf16", 16, True): DecodeConfig(16, 32, 8, 5, prefetch=False),
+    ("bf16", 16, False): DecodeConfig(16, 32, 4, 3, prefetch=False, programs_per_sm=2.0),
+    ("bf16", 16, True): DecodeConfig(16, 32, 8, 5, prefetch=False, programs_per_sm=1.0),
     ("bf16", 64, False): DecodeConfig(64, 32, 8, 5, prefetch=False),
-    ("fp8", 16, False): DecodeConfig(16, 32, 8, 1, prefetch=True),
-    ("fp8", 16, True): DecodeConfig(16, 32, 8, 1, prefetch=True),
+    ("fp8", 16, False): DecodeConfig(16, 32, 8, 1, prefetch=True, programs_per_sm=8.0),
+    ("fp8", 16, True): DecodeConfig(16, 32, 8, 1, prefetch=True, programs_per_sm=1.0),
     ("fp8", 64, False): DecodeConfig(64, 32, 8, 2, prefetch=False),
 }
 

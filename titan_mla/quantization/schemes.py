@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from titan_mla.ops.int8_linear import MAX_ROWS, int8_weight_only_linear
 
 FP8_CACHE_SUFFIX = "+fp8cache"
 DEFAULT_SKIP = ("wkv_b",)
@@ -53,13 +55,40 @@ class Scheme:
     description: str
     config: Callable[[], Any] | None  # the torchao config; None: weights stay as they are
     needs_fp8_hardware: bool = False
+    # The nn.Linear subclass that runs the quantized linears, when ours replaces torchao's matmul
+    # for some inputs (decode); None: torchao's tensor subclass does all of it.
+    linear_class: type[nn.Linear] | None = None
+
+
+class Int8WeightOnlyLinear(nn.Linear):
+    """A linear whose weight torchao quantized with ``Int8WeightOnlyConfig``: inputs of at most
+    MAX_ROWS rows (decode steps) take titan_mla's int8 kernel on the same int8 values and scales
+    (``titan_mla::int8_weight_only_linear``), longer ones (prefill) torchao's matmul. The weight
+    stays torchao's tensor: state dict and weight bytes are unchanged."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8WeightOnlyLinear:
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, "meta")
+        module.weight, module.bias = linear.weight, linear.bias
+        return module
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.numel() // x.shape[-1] > MAX_ROWS:
+            return super().forward(x)
+        out = int8_weight_only_linear(x, self.weight.qdata, self.weight.scale)
+        return out if self.bias is None else out + self.bias
 
 
 SCHEMES: dict[str, Scheme] = {
     scheme.name: scheme
     for scheme in (
         Scheme("bf16", "no quantization (the model dtype: bf16 on GPU, fp32 on CPU)", None),
-        Scheme("int8_weight_only", "int8 per-channel weights, matmul in bf16", _int8_weight_only),
+        Scheme(
+            "int8_weight_only",
+            "int8 per-channel weights, matmul in bf16 (decode: titan_mla's int8 kernel)",
+            _int8_weight_only,
+            linear_class=Int8WeightOnlyLinear,
+        ),
         Scheme(
             "int8_dynamic", "int8 per-token activations x int8 per-channel weights", _int8_dynamic
         ),
@@ -139,11 +168,17 @@ def _device_name(device: torch.device) -> str:
 
 
 def quantize_model(
-    model: nn.Module, scheme: Scheme | str, *, skip: Sequence[str] = DEFAULT_SKIP
+    model: nn.Module,
+    scheme: Scheme | str,
+    *,
+    skip: Sequence[str] = DEFAULT_SKIP,
+    torchao_matmuls_only: bool = False,
 ) -> list[str]:
     """Quantize the nn.Linear weights of ``model`` in place with ``scheme``, except modules whose
     last name is in ``skip``; returns the names of the quantized modules. Quantize after loading
-    the weights and before building an MLAEngine (which copies the absorbed wkv_b)."""
+    the weights and before building an MLAEngine (which copies the absorbed wkv_b). The quantized
+    linears become the scheme's ``linear_class`` (our decode kernel), unless
+    ``torchao_matmuls_only``."""
     scheme = SCHEMES[scheme] if isinstance(scheme, str) else scheme
     if scheme.config is None:
         return []
@@ -156,6 +191,11 @@ def quantize_model(
     ]
     selected = set(chosen)
     quantize_(model, scheme.config(), filter_fn=lambda module, fqn: fqn in selected)
+    if scheme.linear_class is not None and not torchao_matmuls_only:
+        for name in chosen:
+            parent, _, child = name.rpartition(".")
+            linear = model.get_submodule(name)
+            setattr(model.get_submodule(parent), child, scheme.linear_class.from_linear(linear))
     return chosen
 
 

@@ -1,0 +1,155 @@
+"""titan_mla::int8_weight_only_linear against a float64 dequantized matmul, and the int8 decode
+linear that quantize_model puts in place of torchao's matmul for decode-sized inputs.
+
+On CPU the op runs its Triton kernel under TRITON_INTERPRET=1 (the PyTorch reference otherwise);
+tests marked by the ``cuda`` parameter run the compiled kernel on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from expecttest import assert_expected_inline
+from torch import nn
+
+from titan_mla.ops import dispatch
+from titan_mla.ops.int8_linear import (
+    MAX_ROWS,
+    int8_weight_only_linear,
+    int8_weight_only_linear_reference,
+    split_count,
+)
+from titan_mla.quantization import quantize_model
+from titan_mla.quantization.schemes import Int8WeightOnlyLinear
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture
+def cpu_reference_branch(monkeypatch):
+    """Make the op take its PyTorch reference on CPU, whatever TRITON_INTERPRET says."""
+    monkeypatch.setattr(dispatch, "KERNELS_INTERPRETED", False)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return ((actual.double() - expected).norm() / expected.norm()).item()
+
+
+def nan_padded_inputs(rows, n_out, n_in, device, dtype, generator):
+    """x (rows, n_in) as a view into a NaN-filled buffer with wider rows (the kernel must stay
+    within each row's n_in values), a random int8 weight and positive per-row scales."""
+    buffer = torch.full((rows, n_in + 9), float("nan"), dtype=dtype)
+    buffer[:, :n_in] = torch.randn(rows, n_in, generator=generator).to(dtype)
+    qdata = torch.randint(-127, 128, (n_out, n_in), generator=generator, dtype=torch.int8)
+    scale = torch.rand(n_out, 1, generator=generator) / 127 + 1e-4
+    return buffer.to(device)[:, :n_in], qdata.to(device), scale.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "rows, n_out, n_in",
+    [(1, 32, 300), (5, 200, 520), (33, 100, 64), (MAX_ROWS, 70, 600)],
+)
+def test_matches_float64(device, dtype, rows, n_out, n_in):
+    generator = torch.Generator().manual_seed(rows * n_out + n_in)
+    x, qdata, scale = nan_padded_inputs(rows, n_out, n_in, device, dtype, generator)
+    ours = int8_weight_only_linear(x, qdata, scale)
+    expected = int8_weight_only_linear_reference(x.double(), qdata, scale)
+    assert ours.shape == (rows, n_out) and ours.dtype == dtype and not ours.isnan().any()
+    assert relative_error(ours, expected) < TOLERANCE[dtype]
+
+
+def test_the_cases_cover_split_and_unsplit_inputs():
+    """The interpreter's 2 stand-in SMs: the first case splits its 300 inputs in 2 (the partial
+    sums kernel runs), the second does not."""
+    cpu = torch.device("cpu")
+    assert split_count(32, 300, cpu) == (2, 256)
+    assert split_count(200, 520, cpu) == (1, 768)
+
+
+def test_leading_dimensions_and_errors():
+    generator = torch.Generator().manual_seed(0)
+    x, qdata, scale = nan_padded_inputs(6, 16, 40, "cpu", torch.float32, generator)
+    batched = int8_weight_only_linear(x.reshape(2, 3, 40), qdata, scale)
+    assert torch.equal(batched.reshape(6, 16), int8_weight_only_linear(x, qdata, scale))
+
+    def error(*args) -> str:
+        with pytest.raises(ValueError) as raised:
+            int8_weight_only_linear(*args)
+        return str(raised.value)
+
+    assert_expected_inline(
+        error(torch.zeros(MAX_ROWS + 1, 40), qdata, scale),
+        """int8_weight_only_linear takes at most 64 rows, not 65""",
+    )
+    assert_expected_inline(
+        error(x[:, :39], qdata, scale),
+        """int8_weight_only_linear: x (..., 39), int8 weight (out, in) = (16, 40) torch.int8 and 16 scales do not fit""",
+    )
+
+
+def opcheck_samples(device: str) -> list[tuple]:
+    generator = torch.Generator().manual_seed(3)
+    return [
+        nan_padded_inputs(rows, n_out, 300, device, torch.float32, generator)
+        for rows, n_out in ((1, 32), (4, 130))
+    ]
+
+
+@pytest.mark.usefixtures("cpu_reference_branch")
+def test_opcheck_cpu_reference_branch():
+    for args in opcheck_samples("cpu"):
+        torch.library.opcheck(int8_weight_only_linear, args)
+
+
+@requires_cuda
+def test_opcheck_cuda_triton_branch():
+    for args in opcheck_samples("cuda"):
+        torch.library.opcheck(int8_weight_only_linear, args)
+
+
+def test_quantized_linears_take_the_kernel_for_decode_rows_and_torchao_beyond():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 40), nn.Linear(40, 24, bias=False))
+    reference = [nn.Linear(48, 40), nn.Linear(40, 24, bias=False)]
+    for ours, theirs in zip(model, reference, strict=True):
+        theirs.load_state_dict(ours.state_dict())
+    reference = nn.Sequential(*reference)
+    assert quantize_model(model, "int8_weight_only", skip=()) == ["0", "1"]
+    quantize_model(reference, "int8_weight_only", skip=(), torchao_matmuls_only=True)
+    assert all(type(m) is Int8WeightOnlyLinear for m in model)
+    assert all(type(m) is nn.Linear for m in reference)
+    assert model.state_dict().keys() == reference.state_dict().keys()
+
+    calls = []
+    op = torch.ops.titan_mla.int8_weight_only_linear.default
+
+    class CountCalls(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func is op)
+            return func(*args, **(kwargs or {}))
+
+    for rows in (1, MAX_ROWS, MAX_ROWS + 1):
+        x = torch.randn(rows, 48)
+        calls.clear()
+        with torch.no_grad(), CountCalls():
+            ours = model(x)
+        assert sum(calls) == (2 if rows <= MAX_ROWS else 0), rows
+        with torch.no_grad():
+            assert relative_error(ours, reference(x)) < 1e-5
+
+
+@requires_cuda
+@pytest.mark.parametrize("rows", [1, 32])
+def test_cuda_1b_shapes(rows):
+    """The 1B model's decode matmuls (query, latent, output, SwiGLU up and down, head) in bf16."""
+    generator = torch.Generator().manual_seed(rows)
+    for n_out, n_in in ((3072, 2048), (576, 2048), (2048, 2048), (8192, 2048), (2048, 8192)):
+        x, qdata, scale = nan_padded_inputs(rows, n_out, n_in, "cuda", torch.bfloat16, generator)
+        ours = int8_weight_only_linear(x, qdata, scale)
+        expected = int8_weight_only_linear_reference(x.double(), qdata, scale)
+        assert relative_error(ours, expected) < 1e-2, (n_out, n_in)
