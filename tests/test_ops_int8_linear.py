@@ -63,12 +63,13 @@ def test_matches_float64(device, dtype, rows, n_out, n_in):
     assert relative_error(ours, expected) < TOLERANCE[dtype]
 
 
-def test_the_cases_cover_split_and_unsplit_inputs():
-    """The interpreter's 2 stand-in SMs: the first case splits its 300 inputs in 2 (the partial
-    sums kernel runs), the second does not."""
+def test_the_cases_cover_every_path():
+    """One row takes the matrix-vector kernel; with the interpreter's 2 stand-in SMs, the
+    64-row case splits its 600 inputs in 2 (the partial sums kernel runs), the others do not."""
     cpu = torch.device("cpu")
-    assert split_count(32, 300, cpu) == (2, 256)
+    assert split_count(70, 600, cpu) == (2, 512)
     assert split_count(200, 520, cpu) == (1, 768)
+    assert split_count(100, 64, cpu) == (1, 256)
 
 
 def test_leading_dimensions_and_errors():
