@@ -8,13 +8,9 @@ weights: the kernel streams int8 tiles, converts them to the activation dtype in
 rows alone give too few programs to keep the memory busy; a second kernel sums the splits' fp32
 partial products in a fixed order (deterministic) and applies the scales.
 
-One row (batch-1 decode) takes a matrix-vector kernel instead: products summed on the CUDA cores,
-row-block and chunk sizes autotuned per weight shape.
-
-Why our own kernel: for torchao's int8 matmul Inductor generates, at one row, reductions that on H100
-read int8 no faster than bf16 for some of the 1B model's shapes (the SwiGLU down-projection
-recomputes its fused prologue per output row), and at 32 rows it calls ATen's fp32-loop
-``_weight_int8pack_mm`` (100x slower than the bf16 matmul).
+Why our own kernel: for torchao's int8 matmul at 32 rows, Inductor calls ATen's fp32-loop
+``_weight_int8pack_mm`` on the GPU (0.8 ms for 2048 x 8192 on H100, 100x the bf16 matmul). At one
+row Inductor's own fused reduction is the faster of the two (see quantization.Int8WeightOnlyLinear).
 """
 
 from __future__ import annotations
@@ -32,57 +28,6 @@ _PROGRAMS_PER_SM = 2
 _INTERPRETER_SM_COUNT = 2  # few programs under the interpreter: fast CPU tests, splits still used
 _BLOCK_N = 64
 _BLOCK_K = 256
-
-
-def _gemv_configs() -> list[triton.Config]:
-    """Row-block x input-chunk shapes for one row; the interpreter takes the first alone (the
-    autotuner benchmarks only when there is a choice)."""
-    configs = [
-        triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=num_warps)
-        for block_n, block_k, num_warps in (
-            (8, 512, 4),
-            (4, 1024, 4),
-            (8, 1024, 8),
-            (16, 512, 4),
-            (16, 1024, 8),
-            (32, 256, 4),
-            (2, 2048, 4),
-        )
-    ]
-    return configs[:1] if KERNELS_INTERPRETED else configs
-
-
-@triton.autotune(configs=_gemv_configs(), key=["n_out", "n_in"])
-@triton.jit
-def _int8_gemv_kernel(
-    x_ptr,
-    q_ptr,
-    scale_ptr,
-    out_ptr,
-    n_out,
-    n_in,
-    K_END: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """One row of x against BLOCK_N weight rows: products summed on the CUDA cores, in fp32, one
-    reduction at the end. No tensor-core tiles: at one row they only add layout shuffles."""
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < n_out
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k in range(0, K_END, BLOCK_K):
-        ks = k + tl.arange(0, BLOCK_K)
-        k_mask = ks < n_in
-        x = tl.load(x_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
-        q = tl.load(
-            q_ptr + cols[:, None].to(tl.int64) * n_in + ks[None, :],
-            mask=col_mask[:, None] & k_mask[None, :],
-            other=0,
-        )
-        acc += q.to(tl.float32) * x[None, :]
-    scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    y = tl.sum(acc, axis=1) * scale
-    tl.store(out_ptr + cols, y.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
 @triton.jit
@@ -213,11 +158,6 @@ def int8_weight_only_linear(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
     qdata = qdata.contiguous()
     out = x.new_empty(n_rows, n_out)
     scale = scale.reshape(-1)
-    if n_rows == 1:
-        torch.library.wrap_triton(_int8_gemv_kernel)[
-            lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]),)
-        ](x_rows, qdata, scale, out, n_out, n_in, K_END=triton.cdiv(n_in, 2048) * 2048)
-        return out.reshape(*x.shape[:-1], n_out)
     splits, per_split = split_count(n_out, n_in, x.device)
     block_m = max(16, triton.next_power_of_2(n_rows))
     # Only read when splits > 1; a 0-element placeholder otherwise.
