@@ -153,3 +153,17 @@ def test_cuda_1b_shapes(rows):
         ours = int8_weight_only_linear(x, qdata, scale)
         expected = int8_weight_only_linear_reference(x.double(), qdata, scale)
         assert relative_error(ours, expected) < 1e-2, (n_out, n_in)
+
+
+def test_compiled_int8_linear_has_no_graph_break_and_matches_eager():
+    """fullgraph torch.compile through the op (aot_eager: fake-tensor tracing of its body, as
+    Inductor sees it) at a batched-decode row count."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(48, 40), nn.SiLU(), nn.Linear(40, 24))
+    quantize_model(model, "int8_weight_only", skip=())
+    x = torch.randn(2, 3, 48)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+        eager = model(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
