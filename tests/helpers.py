@@ -1,5 +1,5 @@
-"""Shared by the tests that train through ./run_train.sh (import as ``from helpers import ...``:
-pytest puts tests/ on sys.path, tests is not a package)."""
+"""Shared by the tests (import as ``from helpers import ...``: pytest puts tests/ on sys.path, tests
+is not a package): runs of ./run_train.sh, and the pieces every custom-op test uses."""
 
 from __future__ import annotations
 
@@ -9,8 +9,21 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 METRIC_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*([\d.]+)")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# An op test parametrized by device: CPU (the interpreter or the reference) and, where there is
+# one, the GPU.
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, in float64."""
+    expected = expected.double()
+    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
 def run_train(
@@ -38,8 +51,6 @@ def assert_compiled_matches_eager(
 ) -> None:
     """torch.compile(fn, fullgraph=True) has no graph break, and its output and the gradients of
     ``inputs`` equal eager's; ``constants`` are further arguments that take no gradient."""
-    import torch
-
     eager_inputs = [t.detach().clone().requires_grad_() for t in inputs]
     compiled_inputs = [t.detach().clone().requires_grad_() for t in inputs]
     torch._dynamo.reset()

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 from expecttest import assert_expected_inline
+from helpers import DEVICES, relative_error, requires_cuda
 from torch import nn
 
-from titan_mla.ops import dispatch
 from titan_mla.ops.int8_linear import (
     MAX_ROWS,
     int8_weight_only_linear,
@@ -22,20 +22,7 @@ from titan_mla.ops.int8_linear import (
 from titan_mla.quantization import quantize_model
 from titan_mla.quantization.schemes import Int8WeightOnlyLinear
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-@pytest.fixture
-def cpu_reference_branch(monkeypatch):
-    """Make the op take its PyTorch reference on CPU, whatever TRITON_INTERPRET says."""
-    monkeypatch.setattr(dispatch, "KERNELS_INTERPRETED", False)
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double()
-    return ((actual.double() - expected).norm() / expected.norm()).item()
 
 
 def nan_padded_inputs(rows, n_out, n_in, device, dtype, generator):

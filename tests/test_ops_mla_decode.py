@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import relative_error, requires_cuda
 
-from titan_mla.ops import dispatch
 from titan_mla.ops import mla_decode as mla_decode_module
 from titan_mla.ops.mla_decode import (
     DecodeConfig,
@@ -30,7 +30,6 @@ from titan_mla.ops.mla_decode import (
     runs_triton,
 )
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 # Where the raw launcher (mla_decode_triton) runs: the GPU, or the CPU under the interpreter.
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Relative error of the up-projected output vs float64 attention over expanded K/V. Measured under
@@ -40,11 +39,6 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 # An fp8 cache vs the bf16 cache it was quantized from (e4m3 keeps 3 mantissa bits). Measured over
 # 12 seeds of the fp8 test's shapes: mean 3.5e-2, max 3.9e-2, per-128-group and per-token alike.
 FP8_TOLERANCE = 6e-2
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double()
-    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
 @dataclass
@@ -438,8 +432,8 @@ def opcheck(args: tuple) -> None:
     )
 
 
-def test_opcheck_cpu_reference_branch(monkeypatch):
-    monkeypatch.setattr(dispatch, "KERNELS_INTERPRETED", False)
+@pytest.mark.usefixtures("cpu_reference_branch")
+def test_opcheck_cpu_reference_branch():
     for args in opcheck_samples("cpu"):
         assert not runs_triton(args[0])
         opcheck(args)

@@ -10,10 +10,10 @@ import os
 
 import pytest
 import torch
-from helpers import assert_compiled_matches_eager
+from helpers import DEVICES, assert_compiled_matches_eager, relative_error, requires_cuda
 from torch import nn
 
-from titan_mla.ops import dispatch, rmsnorm
+from titan_mla.ops import rmsnorm
 from titan_mla.ops.rmsnorm import (
     RMSNorm,
     rms_norm,
@@ -23,15 +23,8 @@ from titan_mla.ops.rmsnorm import (
     runs_triton,
 )
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 EPS = 1e-6
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double()
-    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
 def random_shape(seed: int, hidden_sizes: tuple[int, ...]) -> tuple[int, ...]:
@@ -45,12 +38,6 @@ def random_shape(seed: int, hidden_sizes: tuple[int, ...]) -> tuple[int, ...]:
 
 def float64_grads(outputs, grad_outputs, inputs) -> list[torch.Tensor]:
     return list(torch.autograd.grad(outputs, inputs, grad_outputs))
-
-
-@pytest.fixture
-def cpu_reference_branch(monkeypatch):
-    """Make the ops take their PyTorch reference on CPU, whatever TRITON_INTERPRET says."""
-    monkeypatch.setattr(dispatch, "KERNELS_INTERPRETED", False)
 
 
 def test_cpu_branch_follows_triton_interpret():

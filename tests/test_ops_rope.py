@@ -8,25 +8,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_compiled_matches_eager
+from helpers import DEVICES, assert_compiled_matches_eager, relative_error, requires_cuda
 
 from titan_mla.models.args import MLAModelArgs
 from titan_mla.models.rope import rope_cos_sin
-from titan_mla.ops import dispatch
 from titan_mla.ops.rope import mla_rope, mla_rope_reference
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 # The debug-sized MLA: YaRN on (rope_factor 40 over an original context of 64), rope dim 16.
 DEBUG_ARGS = MLAModelArgs(
     rope_factor=40, original_seq_len=64, max_seq_len=256, qk_rope_head_dim=16, qk_nope_head_dim=32
 )
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double()
-    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
 def rotate_float64(x: torch.Tensor, rope_cache: torch.Tensor, positions: torch.Tensor):
@@ -86,12 +78,6 @@ def nan_padded_inputs(batch, seq_len, n_heads, device, dtype, generator):
     kv_buffer[..., latent_dim:] = torch.randn(batch, seq_len, rope_dim, generator=generator)
     q_buffer, kv_buffer = q_buffer.to(device), kv_buffer.to(device)
     return q_buffer[..., :head_dim], kv_buffer[..., latent_dim:]
-
-
-@pytest.fixture
-def cpu_reference_branch(monkeypatch):
-    """Make the ops take their PyTorch reference on CPU, whatever TRITON_INTERPRET says."""
-    monkeypatch.setattr(dispatch, "KERNELS_INTERPRETED", False)
 
 
 @pytest.mark.parametrize("device", DEVICES)
