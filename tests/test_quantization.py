@@ -215,6 +215,19 @@ def test_ablation_cli_writes_table_json_plot_tensorboard_and_mlflow(tmp_path, re
         assert run.info.status == "FINISHED"
 
 
+def test_profile_decode_writes_a_tensorboard_trace_and_top_ops_per_variant_and_batch(tmp_path):
+    _, out = run_tiny_ablation(tmp_path, "bf16,int8_weight_only", "1,2", "--profile-decode")
+    runs = sorted(path.name for path in (out / "profiles").iterdir())
+    assert runs == ["bf16_b1", "bf16_b2", "int8_weight_only_b1", "int8_weight_only_b2"]
+    for run in runs:
+        trace = json.loads((out / "profiles" / run / "decode.pt.trace.json").read_text())
+        names = {event.get("name") for event in trace["traceEvents"]}
+        assert "titan_mla::mla_decode" in names, run
+        # Batch 2 of the int8 variant is a batched decode step: our int8 kernel's op.
+        assert ("titan_mla::int8_weight_only_linear" in names) == (run == "int8_weight_only_b2")
+        assert "Self CPU" in (out / "profiles" / run / "top_ops.txt").read_text()
+
+
 def test_failed_variants_and_measurements_are_recorded_and_the_rest_still_runs(
     tmp_path, monkeypatch
 ):

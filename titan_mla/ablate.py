@@ -11,7 +11,11 @@ cache), through the inference engine (MLAEngine) on a fresh copy of the model:
 - prefill tokens/s (``--prefill-batch`` prompts of ``--prefill-len`` tokens, median of repeats);
 - decode tokens/s at each ``--decode-batches`` size after ``--decode-context`` prompt tokens, with
   the decode step compiled (torch.compile) and replayed as a CUDA graph on GPU;
-- weight bytes (quantized data and scales) and, on GPU, peak memory.
+- weight bytes (quantized data and scales) and, on GPU, peak memory;
+- with ``--profile-decode``: each decode batch once more under torch.profiler, a trace that
+  TensorBoard's profiler plugin reads (``<out>/profiles/<variant>_b<batch>/decode.pt.trace.json``)
+  and the top ops beside it (``top_ops.txt``); on GPU the device kernel time and the kernel count
+  per step join the table.
 
 Writes ``quant_ablation-<gpu>.json`` and ``.md`` (shared/notes/BENCHMARKS.md format), a PNG plot
 (with matplotlib) and TensorBoard scalars (``<out>/tb``) into ``--out``; with ``--mlflow`` each
@@ -56,6 +60,7 @@ MLFLOW_EXPERIMENT = "quant_ablation"
 # Summary keys of issue 6: (key prefix, variant) -> {prefix}_decode_speedup, {prefix}_ppl_rel_delta.
 SUMMARY_VARIANTS = {"int8wo": "int8_weight_only", "fp8_rowwise": "fp8_rowwise"}
 BASELINE = "bf16"
+PROFILE_STEPS = 16  # decode steps under the profiler (at most --decode-steps: what the cache holds)
 # The decode step is captured in our own CUDA graphs: no mode that adds Inductor's.
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
@@ -75,6 +80,7 @@ class Settings:
     compile_mode: str = "default"  # torch.compile's mode for the decode step
     torchao_matmuls_only: bool = False  # no titan_mla decode kernels for quantized weights
     cuda_graph: bool = True
+    profile_dir: Path | None = None  # profile each decode batch into this folder
     skip: tuple[str, ...] = DEFAULT_SKIP
 
     @property
@@ -98,6 +104,8 @@ class VariantResult:
     quantized_modules: int
     # Measurements that failed (e.g. "decode_b1" -> the error); the others are still reported.
     errors: dict[str, str] = dataclasses.field(default_factory=dict)
+    # batch -> per decode step: device kernel ms and kernel count (GPU, --profile-decode)
+    decode_profile: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
 def describe_error(err: Exception) -> str:
@@ -230,6 +238,48 @@ def decode_throughput(
     return rates[-1]
 
 
+def profile_decode(
+    engine: MLAEngine, tokens: torch.Tensor, batch: int, settings: Settings, folder: Path
+) -> dict[str, float]:
+    """PROFILE_STEPS decode steps of ``batch`` sequences under torch.profiler, run
+    after ``decode_throughput`` (compiled and captured as measured): ``decode.pt.trace.json`` (the
+    name TensorBoard's profiler plugin reads) and ``top_ops.txt`` in ``folder``. Returns, on GPU,
+    the device kernel time (ms) and the number of kernels per step; on CPU nothing (the trace
+    holds CPU ops only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = engine.device.type == "cuda"
+    steps = min(PROFILE_STEPS, settings.decode_steps)
+    prompts = prompts_from(tokens, batch, settings.decode_context)
+    seqs = list(range(batch))
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_gpu else [])]
+    try:
+        next_tokens = engine.prefill(prompts, seqs).argmax(-1)
+        if on_gpu:  # the prefill stays out of the profile
+            torch.cuda.synchronize(engine.device)
+        with profile(activities=activities) as profiler:
+            for _ in range(steps):
+                next_tokens = engine.decode(next_tokens[:, None], seqs)[:, -1].argmax(-1)
+            if on_gpu:
+                torch.cuda.synchronize(engine.device)
+    finally:
+        for seq in seqs:
+            engine.cache.free(seq)
+    folder.mkdir(parents=True, exist_ok=True)
+    profiler.export_chrome_trace(str(folder / "decode.pt.trace.json"))
+    sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    (folder / "top_ops.txt").write_text(
+        profiler.key_averages().table(sort_by=sort_by, row_limit=25) + "\n"
+    )
+    if not on_gpu:
+        return {}
+    kernels = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return {
+        "kernel ms/step": sum(e.time_range.elapsed_us() for e in kernels) / steps / 1e3,
+        "kernels/step": len(kernels) / steps,
+    }
+
+
 def measure_variant(
     base_model: MLATransformer,
     variant: Variant,
@@ -257,7 +307,7 @@ def measure_variant(
     log(f"   ppl {ppl:.4f} ({time.perf_counter() - start:.1f}s)")
     prefill = prefill_throughput(engine, tokens, settings, timer)
     log(f"   prefill {prefill:,.0f} tokens/s")
-    decode, errors = {}, {}
+    decode, errors, profile = {}, {}, {}
     for batch in settings.decode_batches:
         start = time.perf_counter()
         try:
@@ -270,6 +320,10 @@ def measure_variant(
             f"   decode batch {batch}: {decode[batch]:,.1f} tokens/s "
             f"({time.perf_counter() - start:.1f}s with compile/capture)"
         )
+        if settings.profile_dir is not None:
+            folder = settings.profile_dir / f"{variant.name}_b{batch}"
+            profile[batch] = profile_decode(engine, tokens, batch, settings, folder)
+            log(f"   decode batch {batch} profiled: {profile[batch] or folder}")
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return VariantResult(
         variant=variant.name,
@@ -280,6 +334,7 @@ def measure_variant(
         peak_memory_bytes=peak,
         quantized_modules=len(quantized),
         errors=errors,
+        decode_profile=profile,
     )
 
 
@@ -337,6 +392,11 @@ def result_rows(results: Sequence[VariantResult], settings: Settings) -> list[di
             *(
                 (f"decode_b{batch}_ctx{settings.decode_context}", "tokens/s", rate)
                 for batch, rate in r.decode_tokens_per_s.items()
+            ),
+            *(
+                (f"decode_b{batch}_ctx{settings.decode_context}", metric, value)
+                for batch, figures in r.decode_profile.items()
+                for metric, value in figures.items()
             ),
             ("weights", "MiB", r.weight_bytes / 2**20),
         ]
@@ -463,6 +523,11 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("--no-cuda-graph", action="store_true")
     parser.add_argument(
+        "--profile-decode",
+        action="store_true",
+        help="profile each decode batch: TensorBoard traces and top ops under <out>/profiles",
+    )
+    parser.add_argument(
         "--skip-modules",
         default=",".join(DEFAULT_SKIP),
         help="nn.Linear names left unquantized (last name part, e.g. wkv_b,output)",
@@ -493,6 +558,7 @@ def main(argv: Sequence[str] | None = None, command: str | None = None) -> list[
             compile=not args.no_compile,
             compile_mode=args.compile_mode,
             torchao_matmuls_only=args.torchao_matmuls_only,
+            profile_dir=args.out / "profiles" if args.profile_decode else None,
             cuda_graph=not args.no_cuda_graph,
             skip=tuple(name for name in args.skip_modules.split(",") if name),
         )
