@@ -12,6 +12,7 @@ import torch
 from expecttest import assert_expected_inline
 from helpers import DEVICES, relative_error, requires_cuda
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from titan_mla.ops.int8_linear import (
     MAX_ROWS,
@@ -20,7 +21,7 @@ from titan_mla.ops.int8_linear import (
     split_count,
 )
 from titan_mla.quantization import quantize_model
-from titan_mla.quantization.schemes import Int8WeightOnlyLinear
+from titan_mla.quantization.schemes import Int8DynamicLinear, Int8WeightOnlyLinear
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
@@ -79,6 +80,18 @@ def test_leading_dimensions_and_errors():
     )
 
 
+class CountOpCalls(TorchDispatchMode):
+    """Counts the calls of one op under it."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.count = op, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is self.op
+        return func(*args, **(kwargs or {}))
+
+
 def opcheck_samples(device: str) -> list[tuple]:
     generator = torch.Generator().manual_seed(3)
     return [
@@ -112,20 +125,12 @@ def test_quantized_linears_take_the_kernel_for_batched_decode_rows_and_torchao_o
     assert all(type(m) is nn.Linear for m in reference)
     assert model.state_dict().keys() == reference.state_dict().keys()
 
-    calls = []
     op = torch.ops.titan_mla.int8_weight_only_linear.default
-
-    class CountCalls(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            calls.append(func is op)
-            return func(*args, **(kwargs or {}))
-
     for rows in (1, 2, MAX_ROWS, MAX_ROWS + 1):
         x = torch.randn(rows, 48)
-        calls.clear()
-        with torch.no_grad(), CountCalls():
+        with torch.no_grad(), CountOpCalls(op) as calls:
             ours = model(x)
-        assert sum(calls) == (2 if 1 < rows <= MAX_ROWS else 0), rows
+        assert calls.count == (2 if 1 < rows <= MAX_ROWS else 0), rows
         with torch.no_grad():
             assert relative_error(ours, reference(x)) < 1e-5
 
@@ -154,3 +159,23 @@ def test_compiled_int8_linear_has_no_graph_break_and_matches_eager():
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
         eager = model(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 17])
+def test_int8_dynamic_at_few_rows_equals_torchaos_int8_product(rows):
+    """At 16 rows or fewer (which torch._int_mm refuses on CUDA) the activations are quantized
+    as torchao does and their int8 values multiplied in our kernel: on CPU, where torchao's path
+    works at any size, both give the same numbers; 17 rows take torchao's path."""
+    torch.manual_seed(2)
+    ours, theirs = nn.Sequential(nn.Linear(300, 40)), nn.Sequential(nn.Linear(300, 40))
+    theirs.load_state_dict(ours.state_dict())
+    quantize_model(ours, "int8_dynamic", skip=())
+    quantize_model(theirs, "int8_dynamic", skip=(), torchao_matmuls_only=True)
+    assert type(ours[0]) is Int8DynamicLinear and type(theirs[0]) is nn.Linear
+    x = torch.randn(rows, 300)
+    op = torch.ops.titan_mla.int8_weight_only_linear.default
+    with torch.no_grad(), CountOpCalls(op) as calls:
+        actual = ours(x)
+    assert calls.count == (1 if rows <= 16 else 0)
+    with torch.no_grad():
+        assert relative_error(actual, theirs(x)) < 1e-6

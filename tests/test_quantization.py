@@ -309,15 +309,8 @@ NEEDS_FP8_GPU = pytest.mark.skipif(
     "scheme",
     [
         "int8_weight_only",
-        pytest.param(
-            "int8_dynamic",
-            marks=pytest.mark.xfail(
-                raises=RuntimeError,
-                strict=True,
-                reason="torch._int_mm needs more than 16 rows: a batch-1 decode step with int8 "
-                "activations does not compile (torch 2.11, torchao 0.18; H100, 2026-11-27)",
-            ),
-        ),
+        # Batch 1: below torch._int_mm's 17 rows, Int8DynamicLinear's path (our int8 kernel).
+        "int8_dynamic",
         pytest.param("fp8_rowwise", marks=NEEDS_FP8_GPU),
         pytest.param("fp8_tensorwise", marks=NEEDS_FP8_GPU),
         pytest.param("fp8_weight_only", marks=NEEDS_FP8_GPU),

@@ -14,6 +14,7 @@ from titan_mla.ops.int8_linear import MAX_ROWS, int8_weight_only_linear
 FP8_CACHE_SUFFIX = "+fp8cache"
 DEFAULT_SKIP = ("wkv_b",)
 FP8_MIN_CAPABILITY = (8, 9)  # float8 matmuls (torch._scaled_mm): Ada / Hopper and newer
+INT_MM_MIN_ROWS = 17  # torch._int_mm (cuBLAS int8 GEMM) needs more than 16 rows
 
 
 def _int8_weight_only() -> Any:
@@ -55,32 +56,65 @@ class Scheme:
     description: str
     config: Callable[[], Any] | None  # the torchao config; None: weights stay as they are
     needs_fp8_hardware: bool = False
-    # The nn.Linear subclass that runs the quantized linears, when ours replaces torchao's matmul
-    # for some inputs (decode); None: torchao's tensor subclass does all of it.
-    linear_class: type[nn.Linear] | None = None
+    # The linear that runs the quantized weights, when ours replaces torchao's matmul for some
+    # inputs (decode); None: torchao's tensor subclass does all of it.
+    linear_class: type[QuantizedLinear] | None = None
 
 
-class Int8WeightOnlyLinear(nn.Linear):
+class QuantizedLinear(nn.Linear):
+    """An nn.Linear that takes over a torchao-quantized linear's weight (the same tensor: state
+    dict and weight bytes unchanged) to run some inputs through titan_mla's kernels."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> QuantizedLinear:
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, "meta")
+        module.weight, module.bias = linear.weight, linear.bias
+        return module
+
+
+class Int8WeightOnlyLinear(QuantizedLinear):
     """A linear whose weight torchao quantized with ``Int8WeightOnlyConfig``: inputs of 2 to
     MAX_ROWS rows (batched decode steps) take titan_mla's int8 kernel on the same int8 values and
     scales (``titan_mla::int8_weight_only_linear``); one row and more than MAX_ROWS (prefill) take
-    torchao's matmul. The weight stays torchao's tensor: state dict and weight bytes unchanged.
+    torchao's matmul.
 
     Measured on H100 (1B decode step, compiled, CUDA graph): at 32 rows torchao's matmul compiles
     to ATen's fp32-loop ``_weight_int8pack_mm`` (0.03x bf16), this kernel gives 1.04x; at one row
     Inductor's fused reduction of torchao's matmul is faster (1.13x bf16) than this kernel's
     tensor-core tiles (1.03x)."""
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8WeightOnlyLinear:
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, "meta")
-        module.weight, module.bias = linear.weight, linear.bias
-        return module
-
     def forward(self, x: Tensor) -> Tensor:
         if not 1 < x.numel() // x.shape[-1] <= MAX_ROWS:
             return super().forward(x)
         out = int8_weight_only_linear(x, self.weight.qdata, self.weight.scale)
+        return out if self.bias is None else out + self.bias
+
+
+class Int8DynamicLinear(QuantizedLinear):
+    """A linear that torchao quantized with ``Int8DynamicActivationInt8WeightConfig`` (int8
+    per-token activations x int8 per-channel weights). ``torch._int_mm``, torchao's int8 GEMM on
+    CUDA, refuses 16 rows or fewer (a batch-1 decode step failed to compile), so those inputs are
+    quantized exactly as torchao quantizes them and their int8 values multiplied in titan_mla's
+    int8 kernel (integer products are exact on the tensor cores; the sums are fp32 rather than
+    int32). More rows, and asymmetric activation schemes, take torchao's matmul."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        from torchao.quantization import MappingType
+        from torchao.quantization.quantize_.common.quantize_tensor_kwargs import (
+            _choose_quant_func_and_quantize_tensor,  # torchao's own activation quantization
+        )
+
+        weight = self.weight
+        act = weight.act_quant_kwargs
+        if x.numel() // x.shape[-1] >= INT_MM_MIN_ROWS or act.mapping_type != MappingType.SYMMETRIC:
+            return super().forward(x)
+        if weight.act_pre_scale is not None:
+            x = x * weight.act_pre_scale
+        x_q = _choose_quant_func_and_quantize_tensor(
+            x, act, scale=weight.act_quant_scale, zero_point=weight.act_quant_zero_point
+        )
+        product = int8_weight_only_linear(x_q.qdata.to(x.dtype), weight.qdata, weight.scale)
+        out = (product * x_q.scale.reshape(*x.shape[:-1], 1)).to(x.dtype)
         return out if self.bias is None else out + self.bias
 
 
@@ -95,7 +129,10 @@ SCHEMES: dict[str, Scheme] = {
             linear_class=Int8WeightOnlyLinear,
         ),
         Scheme(
-            "int8_dynamic", "int8 per-token activations x int8 per-channel weights", _int8_dynamic
+            "int8_dynamic",
+            "int8 per-token activations x int8 per-channel weights",
+            _int8_dynamic,
+            linear_class=Int8DynamicLinear,
         ),
         Scheme(
             "fp8_rowwise",
