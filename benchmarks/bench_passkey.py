@@ -33,12 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import gpu_tag, write_result
+from titan_mla.longctx.eval import ANSWER_ROOM
 
 REPO = Path(__file__).resolve().parents[1]
-# Prompts of L - ANSWER_ROOM tokens at a context length L: the answer (" 12345.", at most 6
-# tokens) then ends within L positions, as in the training rows, instead of at positions (and query
-# to BOS distances) the model never saw at its training length.
-ANSWER_ROOM = 8
 LOSS_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*([\d.]+)")
 
 

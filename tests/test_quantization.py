@@ -215,6 +215,34 @@ def test_ablation_cli_writes_table_json_plot_tensorboard_and_mlflow(tmp_path, re
         assert run.info.status == "FINISHED"
 
 
+@pytest.mark.usefixtures("cpu_reference_branch")  # the kernels' numerics are tested elsewhere
+def test_passkey_column_scores_each_variant_through_its_own_cache_kind(tmp_path, monkeypatch):
+    seen = []
+
+    def evaluate_and_record(generator, needles, lengths, depths, **kwargs):
+        result = evaluate(generator, needles, lengths, depths, **kwargs)
+        seen.append((generator.engine.cache.fp8, lengths, depths, result["accuracy_overall"]))
+        return result
+
+    evaluate = ablate.evaluate
+    monkeypatch.setattr(ablate, "evaluate", evaluate_and_record)
+    _, out = run_tiny_ablation(
+        tmp_path, "bf16,bf16+fp8cache", "1", "--passkey-len", "96", "--passkey-samples", "2"
+    )
+    depths = [0.0, 0.25, 0.5, 0.75, 1.0]
+    # Prompts of 96 - 8 tokens; the second variant's generator has an FP8 cache.
+    assert [(fp8, lengths, d) for fp8, lengths, d, _ in seen] == [
+        (False, [88], depths),
+        (True, [88], depths),
+    ]
+    [json_path] = out.glob("quant_ablation-*.json")
+    result = json.loads(json_path.read_text())
+    rows = {(r["case"], r["impl"], r["metric"]): r["value"] for r in result["rows"]}
+    for (*_, accuracy), variant in zip(seen, ["bf16", "bf16+fp8cache"], strict=True):
+        assert rows[("passkey_len96", variant, "accuracy")] == accuracy
+        assert result["summary"]["passkey_acc"][variant] == accuracy
+
+
 def test_profile_decode_writes_a_tensorboard_trace_and_top_ops_per_variant_and_batch(tmp_path):
     _, out = run_tiny_ablation(tmp_path, "bf16,int8_weight_only", "1,2", "--profile-decode")
     runs = sorted(path.name for path in (out / "profiles").iterdir())

@@ -12,6 +12,9 @@ cache), through the inference engine (MLAEngine) on a fresh copy of the model:
 - decode tokens/s at each ``--decode-batches`` size after ``--decode-context`` prompt tokens, with
   the decode step compiled (torch.compile) and replayed as a CUDA graph on GPU;
 - weight bytes (quantized data and scales) and, on GPU, peak memory;
+- with ``--passkey-len L``: passkey retrieval accuracy through the variant's model and cache
+  (titan_mla.longctx.eval, repeat haystack, prompts of L - 8 tokens at five depths, greedy), for a
+  checkpoint trained on passkey data (e.g. train_configs/passkey_debug.toml);
 - with ``--profile-decode``: each decode batch once more under torch.profiler, a trace that
   TensorBoard's profiler plugin reads (``<out>/profiles/<variant>_b<batch>/decode.pt.trace.json``)
   and the top ops beside it (``top_ops.txt``); on GPU the device kernel time and the kernel count
@@ -45,6 +48,8 @@ from titan_mla.data import builtin_documents
 from titan_mla.inference import MLAEngine, PagedLatentCache
 from titan_mla.inference.checkpoint import checkpoint_cli_parser
 from titan_mla.inference.generator import Generator
+from titan_mla.longctx.eval import ANSWER_ROOM, PASSKEY_DEPTHS, cache_seq_len, evaluate
+from titan_mla.longctx.needles import NeedleGenerator
 from titan_mla.models import MLATransformer
 from titan_mla.quantization import (
     DEFAULT_SKIP,
@@ -81,6 +86,8 @@ class Settings:
     torchao_matmuls_only: bool = False  # no titan_mla decode kernels for quantized weights
     cuda_graph: bool = True
     profile_dir: Path | None = None  # profile each decode batch into this folder
+    passkey_len: int = 0  # context length of the passkey score; 0: none
+    passkey_samples: int = 10  # prompts per depth
     skip: tuple[str, ...] = DEFAULT_SKIP
 
     @property
@@ -106,6 +113,7 @@ class VariantResult:
     errors: dict[str, str] = dataclasses.field(default_factory=dict)
     # batch -> per decode step: device kernel ms and kernel count (GPU, --profile-decode)
     decode_profile: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
+    passkey_acc: float | None = None  # --passkey-len
 
 
 def describe_error(err: Exception) -> str:
@@ -238,6 +246,35 @@ def decode_throughput(
     return rates[-1]
 
 
+def passkey_accuracy(
+    model: MLATransformer, tokenizer: Any, fp8_cache: bool, settings: Settings
+) -> float:
+    """Passkey accuracy of a variant's model and cache kind: ``passkey_samples`` prompts of
+    ``passkey_len - ANSWER_ROOM`` tokens at each of PASSKEY_DEPTHS, answered greedily through a
+    generator of its own (eager decode, a cache sized for these prompts)."""
+    prompt_tokens = settings.passkey_len - ANSWER_ROOM
+    batch = max(1, min(settings.passkey_samples, 2**16 // settings.passkey_len))
+    generator = Generator(
+        model,
+        tokenizer,
+        max_batch=batch,
+        max_seq_len=cache_seq_len([prompt_tokens]),
+        fp8_cache=fp8_cache,
+        cuda_graph=False,
+    )
+    needles = NeedleGenerator("passkey", "repeat", tokenizer=tokenizer)
+    result = evaluate(
+        generator,
+        needles,
+        [prompt_tokens],
+        PASSKEY_DEPTHS,
+        samples=settings.passkey_samples,
+        batch=batch,
+        log=lambda _: None,
+    )
+    return result["accuracy_overall"]
+
+
 def profile_decode(
     engine: MLAEngine, tokens: torch.Tensor, batch: int, settings: Settings, folder: Path
 ) -> dict[str, float]:
@@ -287,6 +324,7 @@ def measure_variant(
     settings: Settings,
     device: torch.device,
     log: Callable[[str], None] = print,
+    tokenizer: Any = None,
 ) -> VariantResult:
     """Every figure of one variant, on its own copy of ``base_model`` moved to ``device`` (keep
     the base on the CPU: peak memory is then the variant's own)."""
@@ -324,6 +362,13 @@ def measure_variant(
             folder = settings.profile_dir / f"{variant.name}_b{batch}"
             profile[batch] = profile_decode(engine, tokens, batch, settings, folder)
             log(f"   decode batch {batch} profiled: {profile[batch] or folder}")
+    passkey = None
+    if settings.passkey_len:
+        start = time.perf_counter()
+        passkey = passkey_accuracy(model, tokenizer, variant.fp8_cache, settings)
+        log(
+            f"   passkey at {settings.passkey_len}: {passkey:.0%} ({time.perf_counter() - start:.1f}s)"
+        )
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return VariantResult(
         variant=variant.name,
@@ -335,6 +380,7 @@ def measure_variant(
         quantized_modules=len(quantized),
         errors=errors,
         decode_profile=profile,
+        passkey_acc=passkey,
     )
 
 
@@ -363,7 +409,7 @@ def run_ablation(
     for i, variant in enumerate(variants, 1):
         log(f"== [{i}/{len(variants)}] {variant.name}: {variant.scheme.description}")
         try:
-            result = measure_variant(model, variant, tokens, settings, device, log)
+            result = measure_variant(model, variant, tokens, settings, device, log, tokenizer)
         except Exception as err:
             if failures is None:
                 raise
@@ -402,6 +448,8 @@ def result_rows(results: Sequence[VariantResult], settings: Settings) -> list[di
         ]
         if r.peak_memory_bytes is not None:
             figures.append(("peak_memory", "GiB", r.peak_memory_bytes / 2**30))
+        if r.passkey_acc is not None:
+            figures.append((f"passkey_len{settings.passkey_len}", "accuracy", r.passkey_acc))
         rows += [
             {"case": case, "impl": r.variant, "metric": metric, "value": value}
             for case, metric, value in figures
@@ -412,7 +460,8 @@ def result_rows(results: Sequence[VariantResult], settings: Settings) -> list[di
 def summary(results: Sequence[VariantResult]) -> dict[str, float | None]:
     """Ratios against the bf16 variant measured in the same run: ``<key>_decode_speedup`` (batch-1
     decode), ``<key>_decode_b<N>_speedup`` (other batches) and ``<key>_ppl_rel_delta``
-    (ppl / bf16 ppl - 1) for each variant of SUMMARY_VARIANTS that ran."""
+    (ppl / bf16 ppl - 1) for each variant of SUMMARY_VARIANTS that ran; with the passkey score,
+    ``passkey_acc`` of every variant."""
     by_name = {r.variant: r for r in results}
     baseline = by_name.get(BASELINE)
     out: dict[str, float | None] = {}
@@ -430,6 +479,9 @@ def summary(results: Sequence[VariantResult]) -> dict[str, float | None]:
                 rate / baseline.decode_tokens_per_s[batch], 4
             )
         out[f"{key}_ppl_rel_delta"] = round(ours.ppl / baseline.ppl - 1, 6)
+    passkey = {r.variant: r.passkey_acc for r in results if r.passkey_acc is not None}
+    if passkey:
+        out["passkey_acc"] = passkey
     return out
 
 
@@ -473,6 +525,8 @@ def variant_metrics(result: VariantResult) -> dict[str, float]:
         metrics[f"decode_b{batch}_tokens_per_s"] = rate
     if result.peak_memory_bytes is not None:
         metrics["peak_memory_GiB"] = result.peak_memory_bytes / 2**30
+    if result.passkey_acc is not None:
+        metrics["passkey_acc"] = result.passkey_acc
     return metrics
 
 
@@ -523,6 +577,13 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("--no-cuda-graph", action="store_true")
     parser.add_argument(
+        "--passkey-len",
+        type=int,
+        default=defaults.passkey_len,
+        help="score passkey retrieval at this context length (a passkey-trained checkpoint)",
+    )
+    parser.add_argument("--passkey-samples", type=int, default=defaults.passkey_samples)
+    parser.add_argument(
         "--profile-decode",
         action="store_true",
         help="profile each decode batch: TensorBoard traces and top ops under <out>/profiles",
@@ -559,6 +620,8 @@ def main(argv: Sequence[str] | None = None, command: str | None = None) -> list[
             compile_mode=args.compile_mode,
             torchao_matmuls_only=args.torchao_matmuls_only,
             profile_dir=args.out / "profiles" if args.profile_decode else None,
+            passkey_len=args.passkey_len,
+            passkey_samples=args.passkey_samples,
             cuda_graph=not args.no_cuda_graph,
             skip=tuple(name for name in args.skip_modules.split(",") if name),
         )

@@ -49,7 +49,11 @@ from titan_mla.data.tokenizer import BOS_TOKEN, EOS_TOKEN, TOKENIZER_DIR
 from titan_mla.inference import MLAEngine, PagedLatentCache
 from titan_mla.inference.cache import cache_bytes_per_token
 from titan_mla.longctx.datasets import NeedleDataset
-from titan_mla.longctx.eval import passkey_accuracy_full_forward
+from titan_mla.longctx.eval import (
+    ANSWER_ROOM,
+    PASSKEY_DEPTHS,
+    passkey_accuracy_full_forward,
+)
 from titan_mla.longctx.needles import NeedleGenerator, load_tokenizer
 from titan_mla.models import MLAModelArgs, MLATransformer
 from titan_mla.models.rope import rope_cos_sin
@@ -105,10 +109,6 @@ SIZES: dict[str, dict[str, Any]] = {
         passkey_samples=32,
     ),
 }
-PASSKEY_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
-# Passkey prompts are this much shorter than the training length: room for the answer (up to 6
-# tokens for a 5-digit key), so prompt and answer fit the trained positions as the fine-tune rows do.
-PASSKEY_ANSWER_ROOM = 8
 
 
 @dataclass
@@ -141,7 +141,7 @@ class Setup:
 
     @property
     def passkey_prompt_tokens(self) -> int:
-        return self.seq_len - PASSKEY_ANSWER_ROOM
+        return self.seq_len - ANSWER_ROOM
 
 
 def default_variants(ranks: list[int], gqa_kv_heads: int) -> list[Variant]:
@@ -743,7 +743,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except ValueError as err:
         raise ValueError(
             f"seq_len {setup.seq_len} is too short for the passkey eval, whose prompts have "
-            f"seq_len - {PASSKEY_ANSWER_ROOM} tokens: {err}"
+            f"seq_len - {ANSWER_ROOM} tokens: {err}"
         ) from None
 
     out = opts.out

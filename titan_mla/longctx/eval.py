@@ -36,6 +36,13 @@ from titan_mla.inference.generator import Generator
 from .datasets import EVAL_SEED_BASE
 from .needles import HAYSTACKS, TASKS, NeedleGenerator, NeedleRecord, is_correct
 
+# Prompts of L - ANSWER_ROOM tokens at a context length L: the answer (" 12345.", at most 6 tokens)
+# then ends within L positions, as in the training rows, instead of at positions (and query-to-BOS
+# distances) a model trained at L never saw.
+ANSWER_ROOM = 8
+# Needle depths of the single-length passkey scores (ablations): start, quarters, end.
+PASSKEY_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+
 
 def cache_seq_len(lengths: list[int], page_size: int = 64) -> int:
     """Tokens per sequence the cache must hold for prompts of ``lengths`` and their answers (up to
