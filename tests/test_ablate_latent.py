@@ -10,7 +10,6 @@ import torch
 from expecttest import assert_expected_inline
 
 from titan_mla.ablate_latent import (
-    PASSKEY_ANSWER_ROOM,
     Setup,
     Variant,
     dense_decode_step,
@@ -22,7 +21,7 @@ from titan_mla.ablate_latent import (
 )
 from titan_mla.data import STDLIB_CORPUS, load_corpus
 from titan_mla.data.corpus import stdlib_documents, stdlib_files
-from titan_mla.longctx.eval import complete_full_forward
+from titan_mla.longctx.eval import ANSWER_ROOM, complete_full_forward
 from titan_mla.models import MLAModelArgs, MLATransformer
 from titan_mla.models.rope import rope_cos_sin
 
@@ -248,7 +247,7 @@ def test_tiny_cpu_ablation_writes_the_table_and_one_mlflow_run_per_variant(tmp_p
     assert summary["train_tokens_per_variant"] == steps * 2 * 72
     assert summary["val_tokens"] == 288
     assert summary["passkey_acc_at_train_len"] == {n: 0.0 for n in names}
-    assert summary["passkey_prompt_tokens"] == 72 - PASSKEY_ANSWER_ROOM
+    assert summary["passkey_prompt_tokens"] == 72 - ANSWER_ROOM
     assert (summary["passkey_finetune_steps"], summary["passkey_finetune_rows"]) == (2, 4)
     assert summary["passkey_prompts"] == 5
     assert result["setup"]["passkey_steps"] == 2 and result["setup"]["passkey_samples"] == 1
