@@ -362,14 +362,14 @@ def measure_variant(
             folder = settings.profile_dir / f"{variant.name}_b{batch}"
             profile[batch] = profile_decode(engine, tokens, batch, settings, folder)
             log(f"   decode batch {batch} profiled: {profile[batch] or folder}")
-    passkey = None
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    passkey = None  # after the peak: its generator's cache is not the variant's
     if settings.passkey_len:
         start = time.perf_counter()
         passkey = passkey_accuracy(model, tokenizer, variant.fp8_cache, settings)
         log(
             f"   passkey at {settings.passkey_len}: {passkey:.0%} ({time.perf_counter() - start:.1f}s)"
         )
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return VariantResult(
         variant=variant.name,
         ppl=ppl,
