@@ -88,8 +88,8 @@ def main() -> None:
     parser.add_argument("--phase", choices=["all", "train", "ablate"], default="all")
     parser.add_argument("--steps", type=int, help="training steps (default 200; smoke 10)")
     parser.add_argument("--schemes", default=ALL_SCHEMES)
-    parser.add_argument("--no-compile", action="store_true", help="decode without torch.compile")
-    # Other options (e.g. --compile-mode, --torchao-matmuls-only) go to python -m titan_mla.ablate.
+    # Other options (e.g. --no-compile, --compile-mode, --profile-decode) go to
+    # python -m titan_mla.ablate.
     args, ablate_extra = parser.parse_known_args()
     if not torch.cuda.is_available():
         sys.exit("bench_quant.py needs a CUDA GPU")
@@ -111,7 +111,6 @@ def main() -> None:
         "--out",
         str(args.out),
         *ablate_options,
-        *(["--no-compile"] if args.no_compile else []),
         *ablate_extra,
     ]
     print(f"== ablation: python -m titan_mla.ablate {shlex.join(argv)}", flush=True)

@@ -29,15 +29,17 @@ The job config and ``--section.key value`` overrides select the model as for tra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import functools
 import importlib.util
 import math
 import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,13 +142,13 @@ class Timer:
 
     def __call__(self, fn: Callable[[], Any]) -> float:
         """Seconds ``fn`` takes, device work included."""
-        self._sync()
+        self.sync()
         start = time.perf_counter()
         fn()
-        self._sync()
+        self.sync()
         return time.perf_counter() - start
 
-    def _sync(self) -> None:
+    def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -221,6 +223,26 @@ def prefill_throughput(
     return settings.prefill_batch * settings.prefill_len / statistics.median(times[1:])
 
 
+@contextlib.contextmanager
+def prefilled(
+    engine: MLAEngine, prompts: list[list[int]]
+) -> Iterator[tuple[torch.Tensor, list[int]]]:
+    """Prefill ``prompts`` as sequences 0 .. n-1: yields their first greedy tokens and the
+    sequences, and frees them on exit."""
+    seqs = list(range(len(prompts)))
+    try:
+        yield engine.prefill(prompts, seqs).argmax(-1), seqs
+    finally:
+        for seq in seqs:
+            engine.cache.free(seq)
+
+
+def greedy_steps(engine: MLAEngine, next_tokens: torch.Tensor, seqs: list[int], steps: int) -> None:
+    """``steps`` greedy decode steps of ``seqs``, starting from ``next_tokens``."""
+    for _ in range(steps):
+        next_tokens = engine.decode(next_tokens[:, None], seqs)[:, -1].argmax(-1)
+
+
 def decode_throughput(
     engine: MLAEngine, tokens: torch.Tensor, batch: int, settings: Settings, timer: Timer
 ) -> float:
@@ -229,20 +251,11 @@ def decode_throughput(
     if settings.cuda_graph and engine.device.type == "cuda":
         engine.capture_cuda_graph(batch)
     prompts = prompts_from(tokens, batch, settings.decode_context)
-    seqs = list(range(batch))
     rates = []
     for steps in (min(settings.decode_steps, 4), settings.decode_steps):
-        try:
-            next_tokens = engine.prefill(prompts, seqs).argmax(-1)
-
-            def run(next_tokens: torch.Tensor = next_tokens, steps: int = steps) -> None:
-                for _ in range(steps):
-                    next_tokens = engine.decode(next_tokens[:, None], seqs)[:, -1].argmax(-1)
-
+        with prefilled(engine, prompts) as (next_tokens, seqs):
+            run = functools.partial(greedy_steps, engine, next_tokens, seqs, steps)
             rates.append(batch * steps / timer(run))
-        finally:
-            for seq in seqs:
-                engine.cache.free(seq)
     return rates[-1]
 
 
@@ -286,22 +299,14 @@ def profile_decode(
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = engine.device.type == "cuda"
+    timer = Timer(engine.device)
     steps = min(PROFILE_STEPS, settings.decode_steps)
     prompts = prompts_from(tokens, batch, settings.decode_context)
-    seqs = list(range(batch))
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_gpu else [])]
-    try:
-        next_tokens = engine.prefill(prompts, seqs).argmax(-1)
-        if on_gpu:  # the prefill stays out of the profile
-            torch.cuda.synchronize(engine.device)
+    with prefilled(engine, prompts) as (next_tokens, seqs):
+        timer.sync()  # the prefill stays out of the profile
         with profile(activities=activities) as profiler:
-            for _ in range(steps):
-                next_tokens = engine.decode(next_tokens[:, None], seqs)[:, -1].argmax(-1)
-            if on_gpu:
-                torch.cuda.synchronize(engine.device)
-    finally:
-        for seq in seqs:
-            engine.cache.free(seq)
+            timer(functools.partial(greedy_steps, engine, next_tokens, seqs, steps))
     folder.mkdir(parents=True, exist_ok=True)
     profiler.export_chrome_trace(str(folder / "decode.pt.trace.json"))
     sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"

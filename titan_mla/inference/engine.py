@@ -84,7 +84,7 @@ class MLAEngine:
         for row, prompt in enumerate(prompts):
             tokens[row, : len(prompt)] = torch.as_tensor(prompt)
         tokens = tokens.to(self.device)
-        block_table = self.cache.block_table[seqs]
+        block_table = self._block_table_rows(seqs)
         last = torch.tensor(lengths, device=self.device) - 1
         rows = torch.arange(len(prompts), device=self.device)
 
