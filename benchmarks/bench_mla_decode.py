@@ -7,7 +7,8 @@ kv_lora_rank 512, rope 64, pages shuffled in one pool. GB/s as FlashMLA counts i
 token read once (bf16: 576 x 2 bytes; fp8: 512 + 4 x 4 scale + 64 x 2 rope bytes) plus q and out
 bytes; TFLOP/s = 2 x heads x tokens x (512 + 64 + 512) / time. Every variant is checked against
 the reference before it is timed, and timed as CUDA-graph replays of 10 back-to-back calls (a
-decode step's launch path; the copy bandwidth too). Writes benchmarks/results/mla_decode-<gpu>.json (+ .md) or --out.
+decode step's launch path; the copy bandwidth is timed eagerly, see copy_bandwidth). Writes
+benchmarks/results/mla_decode-<gpu>.json (+ .md) or --out.
 
     COMMIT=$(git rev-parse HEAD) python benchmarks/bench_mla_decode.py --out benchmarks/results
 
