@@ -36,7 +36,7 @@ import triton.testing
 from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import write_result
+from benchmarks.common import graph_time_ms, relative_error, write_result
 from titan_mla.ops.mla_decode import (
     DecodeConfig,
     mla_decode,
@@ -185,33 +185,6 @@ def flops(shape: Shape, tokens: int) -> int:
     return 2 * shape.heads * tokens * (LATENT_DIM + ROPE_DIM + LATENT_DIM)
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.float()
-    return ((actual.float() - expected).norm() / expected.norm()).item()
-
-
-def time_ms(fn: Callable[[], torch.Tensor], calls: int = GRAPH_CALLS) -> float:
-    """Milliseconds per call of ``fn``, as a decode step runs it: ``calls`` back-to-back calls
-    captured in one CUDA graph, its replays timed (median), so host-side launch cost (Python, the
-    dispatcher) is not counted and every variant is launched the same way."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # Triton/Inductor compile and allocator warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fn()
-    except RuntimeError as err:  # not capturable: time eager launches, and say so
-        print(f"  (not capturable, timed eagerly: {str(err).splitlines()[0]})")
-        return triton.testing.do_bench(fn, return_mode="median")
-    ms = triton.testing.do_bench(graph.replay, return_mode="median") / calls
-    del graph
-    return ms
-
-
 def copy_bandwidth(n_bytes: int) -> float:
     """GB/s of a device-to-device copy, bytes read plus written. Timed as eager launches: one copy
     of ~1 GiB has no launch cost to hide, and captured in a CUDA graph (a memcpy node) it measured
@@ -289,7 +262,7 @@ def tune(
             print(f"  {config}: skipped, {exception}")
             continue
         assert error <= TOLERANCE, (shape, config, error)
-        timings[config] = time_ms(run)
+        timings[config] = graph_time_ms(run, GRAPH_CALLS)
     best = min(timings, key=timings.get)
     print(
         f"  tune {shape.case} {key[0]}: {len(timings)} configs, best {timings[best] * 1e3:.1f} us "
@@ -377,7 +350,7 @@ def bench_shape(
 
     rows = []
     for impl, (fn, fp8, config) in variants.items():
-        ms = time_ms(fn)
+        ms = graph_time_ms(fn, GRAPH_CALLS)
         gbps = bytes_moved(shape, inputs.tokens, fp8) / ms / 1e6
         tflops = flops(shape, inputs.tokens) / ms / 1e9
         extra = {} if config is None else {"config": repr(config)}

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import write_result
+from benchmarks.common import relative_error, write_result
 from titan_mla.models.args import MLAModelArgs
 from titan_mla.models.rope import rope_cos_sin
 from titan_mla.ops.rmsnorm import rms_norm, rms_norm_reference
@@ -50,11 +50,6 @@ def graph_replay(fn: Callable[[], object]) -> Callable[[], None]:
 
 def median_ms(fn: Callable[[], object]) -> float:
     return triton.testing.do_bench(graph_replay(fn), warmup=25, rep=200, return_mode="median")
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double()
-    return ((actual.double() - expected).norm() / expected.norm()).item()
 
 
 def assert_close(name: str, actual: tuple, expected: tuple, tolerance: float = 1e-2) -> None:

@@ -41,9 +41,12 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(name)), "other")
 
 
+TOP_KERNELS = 30  # printed per variant: where to look next
+
+
 def step_breakdown(trace_path: Path) -> dict[str, float]:
     """Milliseconds of GPU kernel time by kind in the profiled step, their sum, and the GPU span
-    (first kernel start to last kernel end)."""
+    (first kernel start to last kernel end); prints the kernels that take the most time."""
     events = json.loads(trace_path.read_text())["traceEvents"]
     # One record per kernel launch (a trace can list a kernel more than once).
     kernels = {
@@ -52,11 +55,17 @@ def step_breakdown(trace_path: Path) -> dict[str, float]:
         if e.get("cat") == "kernel" and e.get("ph") == "X"
     }.values()
     totals: dict[str, float] = defaultdict(float)
+    by_name: dict[str, list[float]] = defaultdict(list)
     for kernel in kernels:
         totals[kernel_kind(kernel["name"])] += kernel["dur"] / 1e3
+        by_name[kernel["name"]].append(kernel["dur"] / 1e3)
     totals["kernels_total"] = sum(totals.values())
     start = min(k["ts"] for k in kernels)
     totals["gpu_span"] = (max(k["ts"] + k["dur"] for k in kernels) - start) / 1e3
+    for name, durations in sorted(by_name.items(), key=lambda item: -sum(item[1]))[:TOP_KERNELS]:
+        print(
+            f"   {sum(durations):8.2f} ms {len(durations):5d}x {kernel_kind(name):20s} {name[:110]}"
+        )
     return dict(totals)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,3 +59,33 @@ def write_result(
     ]
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return path
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, in float64."""
+    expected = expected.double()
+    return ((actual.double() - expected).norm() / expected.norm()).item()
+
+
+def graph_time_ms(fn: Callable[[], object], calls: int = 1) -> float:
+    """Milliseconds per call of ``fn``, as a decode step runs it: ``calls`` back-to-back calls
+    captured in one CUDA graph, its replays timed (median), so host-side launch cost (Python, the
+    dispatcher) is not counted and every variant is launched the same way."""
+    import triton.testing
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # Triton/Inductor compile, autotuning and allocator warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+    except RuntimeError as err:  # not capturable: time eager launches, and say so
+        print(f"  (not capturable, timed eagerly: {str(err).splitlines()[0]})")
+        return triton.testing.do_bench(fn, return_mode="median")
+    ms = triton.testing.do_bench(graph.replay, return_mode="median") / calls
+    del graph
+    return ms

@@ -8,9 +8,14 @@ weights: the kernel streams int8 tiles, converts them to the activation dtype in
 rows alone give too few programs to keep the memory busy; a second kernel sums the splits' fp32
 partial products in a fixed order (deterministic) and applies the scales.
 
+One row (batch-1 decode) takes a matrix-vector kernel instead: at one row a tensor-core tile is
+mostly padding, so the products are summed on the CUDA cores, with the row-block, chunk and
+pipeline depth autotuned per weight shape.
+
 Why our own kernel: for torchao's int8 matmul at 32 rows, Inductor calls ATen's fp32-loop
-``_weight_int8pack_mm`` on the GPU (0.8 ms for 2048 x 8192 on H100, 100x the bf16 matmul). At one
-row Inductor's own fused reduction is the faster of the two (see quantization.Int8WeightOnlyLinear).
+``_weight_int8pack_mm`` on the GPU (0.8 ms for 2048 x 8192 on H100, 100x the bf16 matmul); at one
+row Inductor's fused reductions read the SwiGLU down-projection's int8 weight no faster than bf16
+(its fused silu(a) * b prologue is recomputed for every block of output rows).
 """
 
 from __future__ import annotations
@@ -28,6 +33,60 @@ _PROGRAMS_PER_SM = 2
 _INTERPRETER_SM_COUNT = 2  # few programs under the interpreter: fast CPU tests, splits still used
 _BLOCK_N = 64
 _BLOCK_K = 256
+_GEMV_K_STEP = 2048  # the one-row kernel's loop bound is n_in rounded up to this (a constexpr)
+
+
+def _gemv_configs() -> list[triton.Config]:
+    """(output rows per program, inputs per step, warps, stages) for one row: small row blocks for
+    enough programs on the narrow weights, long steps for many loads in flight. The interpreter
+    takes the first alone (the autotuner times only when there is a choice)."""
+    configs = [
+        triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
+        for block_n, block_k, warps, stages in (
+            (4, 1024, 4, 3),
+            (4, 1024, 4, 1),
+            (2, 2048, 4, 3),
+            (8, 512, 4, 3),
+            (8, 512, 4, 1),
+            (8, 1024, 8, 3),
+            (16, 512, 4, 3),
+            (16, 1024, 8, 1),
+        )
+    ]
+    return configs[:1] if KERNELS_INTERPRETED else configs
+
+
+@triton.autotune(configs=_gemv_configs(), key=["n_out", "n_in"])
+@triton.jit
+def _int8_gemv_kernel(
+    x_ptr,
+    q_ptr,
+    scale_ptr,
+    out_ptr,
+    n_out,
+    n_in,
+    K_END: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One row of x against BLOCK_N weight rows: fp32 products accumulated per lane, one
+    reduction at the end, the scales applied to the sums."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_out
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k in range(0, K_END, BLOCK_K):
+        ks = k + tl.arange(0, BLOCK_K)
+        k_mask = ks < n_in
+        x = tl.load(x_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
+        q = tl.load(
+            q_ptr + cols[:, None].to(tl.int64) * n_in + ks[None, :],
+            mask=col_mask[:, None] & k_mask[None, :],
+            other=0,
+        )
+        acc += q.to(tl.float32) * x[None, :]
+    scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    y = tl.sum(acc, axis=1) * scale
+    tl.store(out_ptr + cols, y.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
 @triton.jit
@@ -158,6 +217,19 @@ def int8_weight_only_linear(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
     qdata = qdata.contiguous()
     out = x.new_empty(n_rows, n_out)
     scale = scale.reshape(-1)
+    if n_rows == 1:
+        torch.library.wrap_triton(_int8_gemv_kernel)[
+            lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]),)
+        ](
+            x_rows,
+            qdata,
+            scale,
+            out,
+            n_out,
+            n_in,
+            K_END=triton.cdiv(n_in, _GEMV_K_STEP) * _GEMV_K_STEP,
+        )
+        return out.reshape(*x.shape[:-1], n_out)
     splits, per_split = split_count(n_out, n_in, x.device)
     block_m = max(16, triton.next_power_of_2(n_rows))
     # Only read when splits > 1; a 0-element placeholder otherwise.

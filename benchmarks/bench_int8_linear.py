@@ -1,0 +1,144 @@
+"""The 1B model's decode linears with int8 weights on one GPU: titan_mla's int8 kernels
+(titan_mla::int8_weight_only_linear) vs torchao's int8 weight-only matmul compiled by Inductor vs
+the bf16 matmul (cuBLAS, and compiled by Inductor as a decode step compiles it).
+
+Shapes: every quantized nn.Linear of one block of the flavor plus the output head (wkv_b stays
+bf16 in the quantized model), at 1 row (batch-1 decode) and 32 rows. Each variant runs over enough
+copies of its weight (different random values) that they do not fit in L2, as consecutive layers
+of a decode step do not, captured in one CUDA graph; time per call = replay / copies; GB/s = that
+variant's weight bytes (int8 data + scales, or bf16) / time. Every variant is checked against the
+float32 product of the dequantized weight before it is timed. Writes int8_linear-<gpu>.json (+ .md).
+
+    COMMIT=$(git rev-parse HEAD) python benchmarks/bench_int8_linear.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import graph_time_ms, relative_error, write_result
+from titan_mla.models import mla_flavors
+from titan_mla.models.model import MLATransformer
+from titan_mla.ops.int8_linear import int8_weight_only_linear, int8_weight_only_linear_reference
+from titan_mla.quantization import quantize_model
+from titan_mla.quantization.schemes import DEFAULT_SKIP, weight_bytes
+
+ROWS = (1, 32)
+L2_FLUSH_BYTES = 256 * 2**20  # bf16 bytes of the copies per variant: well past H100's 50 MB L2
+MAX_COPIES = 64
+TOLERANCE = 1e-2  # bf16 outputs vs the float32 product of the same dequantized weights
+
+
+def decode_linears(flavor: str) -> dict[str, tuple[int, int]]:
+    """(out, in) of the quantized linears of block 0 and of the output head, by module name."""
+    with torch.device("meta"):
+        model = MLATransformer(mla_flavors[flavor])
+    return {
+        name.removeprefix("layers.0."): (module.out_features, module.in_features)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and (name.startswith("layers.0.") or name == "output")
+        and name.rsplit(".", 1)[-1] not in DEFAULT_SKIP
+    }
+
+
+def bench_linear(name: str, n_out: int, n_in: int, rows: int) -> list[dict]:
+    copies = max(1, min(MAX_COPIES, math.ceil(L2_FLUSH_BYTES / (2 * n_out * n_in))))
+    torch.manual_seed(n_out * n_in + rows)
+    bf16 = nn.ModuleList(
+        nn.Linear(n_in, n_out, bias=False, device="cuda", dtype=torch.bfloat16)
+        for _ in range(copies)
+    )
+    ours, torchao = copy.deepcopy(bf16), copy.deepcopy(bf16)
+    quantize_model(ours, "int8_weight_only", skip=())
+    quantize_model(torchao, "int8_weight_only", skip=(), torchao_matmuls_only=True)
+    x = torch.randn(rows, n_in, device="cuda", dtype=torch.bfloat16)
+
+    def over_copies(linears: nn.ModuleList) -> Callable[[], list[torch.Tensor]]:
+        return lambda: [linear(x) for linear in linears]
+
+    torch._dynamo.reset()  # a fresh cache per shape: no recompile limit across shapes
+    variants = {
+        "bf16_cublas": (lambda: [F.linear(x, linear.weight) for linear in bf16], bf16),
+        "bf16_inductor": (torch.compile(over_copies(bf16), dynamic=False), bf16),
+        "int8_torchao_inductor": (torch.compile(over_copies(torchao), dynamic=False), torchao),
+        "int8_titan_mla": (over_copies(ours), ours),
+    }
+    weight = ours[0].weight
+    int8_expected = int8_weight_only_linear_reference(x.float(), weight.qdata, weight.scale)
+    bf16_expected = x.float() @ bf16[0].weight.float().t()
+    assert (
+        relative_error(int8_weight_only_linear(x, weight.qdata, weight.scale), int8_expected)
+        <= TOLERANCE
+    ), (name, rows)
+    case = f"{name}_{n_out}x{n_in}_rows{rows}"
+    results = []
+    for impl, (fn, linears) in variants.items():
+        with torch.no_grad():
+            expected = int8_expected if impl.startswith("int8") else bf16_expected
+            error = relative_error(fn()[0], expected)
+            assert error <= TOLERANCE, (case, impl, error)
+            ms = graph_time_ms(fn) / copies
+        gbps = weight_bytes(linears[0].parameters()) / ms / 1e6
+        results += [
+            {"case": case, "impl": impl, "metric": "us", "value": ms * 1e3},
+            {"case": case, "impl": impl, "metric": "GB/s", "value": gbps},
+        ]
+        print(f"{case:34s} {impl:22s} {ms * 1e3:8.2f} us {gbps:7.0f} GB/s", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--flavor", default="1B")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_int8_linear.py needs a CUDA GPU")
+    torch._dynamo.config.cache_size_limit = 64
+    shapes = decode_linears(args.flavor)
+    rows = [
+        row
+        for batch in ROWS
+        for name, (n_out, n_in) in shapes.items()
+        for row in bench_linear(name, n_out, n_in, batch)
+    ]
+
+    def total_us(impl: str, batch: int, names: list[str]) -> float:
+        """Summed time of the named linears (one decode layer: every name but the head)."""
+        return sum(
+            row["value"]
+            for row in rows
+            for name in names
+            if row["case"] == f"{name}_{shapes[name][0]}x{shapes[name][1]}_rows{batch}"
+            and (row["impl"], row["metric"]) == (impl, "us")
+        )
+
+    layer = [name for name in shapes if name != "output"]
+    summary = {}
+    for batch in ROWS:
+        ours = total_us("int8_titan_mla", batch, layer)
+        for baseline in ("bf16_inductor", "bf16_cublas", "int8_torchao_inductor"):
+            key = f"layer_rows{batch}_int8_speedup_vs_{baseline}"
+            summary[key] = total_us(baseline, batch, layer) / ours
+    summary["layer_linears"] = ", ".join(f"{n} {o}x{i}" for n, (o, i) in shapes.items())
+    command = "COMMIT=$(git rev-parse HEAD) python benchmarks/bench_int8_linear.py " + " ".join(
+        sys.argv[1:]
+    )
+    path = write_result("int8_linear", command, rows, summary, args.out)
+    print(summary)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
