@@ -9,8 +9,8 @@ rows alone give too few programs to keep the memory busy; a second kernel sums t
 partial products in a fixed order (deterministic) and applies the scales.
 
 One row (batch-1 decode) takes a matrix-vector kernel instead: at one row a tensor-core tile is
-mostly padding, so the products are summed on the CUDA cores, with the row-block, chunk and
-pipeline depth autotuned per weight shape.
+mostly padding, so the products are summed on the CUDA cores, with the row block, the inputs
+per step and the warps autotuned per weight shape.
 
 Why our own kernel: for torchao's int8 matmul at 32 rows, Inductor calls ATen's fp32-loop
 ``_weight_int8pack_mm`` on the GPU (0.8 ms for 2048 x 8192 on H100, 100x the bf16 matmul); at one
@@ -33,24 +33,29 @@ _PROGRAMS_PER_SM = 2
 _INTERPRETER_SM_COUNT = 2  # few programs under the interpreter: fast CPU tests, splits still used
 _BLOCK_N = 64
 _BLOCK_K = 256
-_GEMV_K_STEP = 2048  # the one-row kernel's loop bound is n_in rounded up to this (a constexpr)
+# The one-row kernel's loop bound, n_in rounded up to this, is a constexpr (a compile-time trip
+# count; the interpreter cannot loop to a runtime bound): a multiple of every config's BLOCK_K.
+_GEMV_K_MULTIPLE = 2048
 
 
 def _gemv_configs() -> list[triton.Config]:
-    """(output rows per program, inputs per step, warps, stages) for one row: small row blocks for
-    enough programs on the narrow weights, long steps for many loads in flight. The interpreter
-    takes the first alone (the autotuner times only when there is a choice)."""
+    """(output rows per program, inputs per step, warps) for one row: whole 2048-input rows per
+    step put a program's loads in flight at once (the 1B model's inputs are 2048 or 8192 wide),
+    small row blocks give the narrow weights enough programs. The interpreter takes the first
+    alone (the autotuner times only when there is a choice)."""
     configs = [
-        triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
-        for block_n, block_k, warps, stages in (
-            (4, 1024, 4, 3),
-            (4, 1024, 4, 1),
-            (2, 2048, 4, 3),
-            (8, 512, 4, 3),
-            (8, 512, 4, 1),
-            (8, 1024, 8, 3),
-            (16, 512, 4, 3),
-            (16, 1024, 8, 1),
+        triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps)
+        for block_n, block_k, warps in (
+            (4, 1024, 4),
+            (1, 2048, 4),
+            (2, 2048, 4),
+            (4, 2048, 4),
+            (4, 2048, 8),
+            (8, 2048, 8),
+            (8, 1024, 4),
+            (8, 512, 4),
+            (16, 512, 4),
+            (16, 1024, 8),
         )
     ]
     return configs[:1] if KERNELS_INTERPRETED else configs
@@ -69,20 +74,18 @@ def _int8_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One row of x against BLOCK_N weight rows: fp32 products accumulated per lane, one
-    reduction at the end, the scales applied to the sums."""
+    """One row of x against BLOCK_N weight rows: fp32 products accumulated per lane (no
+    reduction, hence no barrier, inside the loop), one reduction at the end, the scales applied
+    to the sums."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_out
+    weight_rows = q_ptr + cols[:, None].to(tl.int64) * n_in
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k in range(0, K_END, BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)
         k_mask = ks < n_in
         x = tl.load(x_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
-        q = tl.load(
-            q_ptr + cols[:, None].to(tl.int64) * n_in + ks[None, :],
-            mask=col_mask[:, None] & k_mask[None, :],
-            other=0,
-        )
+        q = tl.load(weight_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0)
         acc += q.to(tl.float32) * x[None, :]
     scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     y = tl.sum(acc, axis=1) * scale
@@ -227,7 +230,7 @@ def int8_weight_only_linear(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
             out,
             n_out,
             n_in,
-            K_END=triton.cdiv(n_in, _GEMV_K_STEP) * _GEMV_K_STEP,
+            triton.cdiv(n_in, _GEMV_K_MULTIPLE) * _GEMV_K_MULTIPLE,
         )
         return out.reshape(*x.shape[:-1], n_out)
     splits, per_split = split_count(n_out, n_in, x.device)
