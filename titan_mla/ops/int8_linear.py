@@ -63,8 +63,8 @@ def _gemv_configs() -> list[triton.Config]:
 
 # 1.5 * 2**23: floats in [2**23, 2**24) are the integers, so an int8 added to its bit pattern is
 # exact, and subtracting the float gives the int8 back.
-_FLOAT32_INTEGER_BIAS_BITS: tl.constexpr = 0x4B400000
-_FLOAT32_INTEGER_BIAS: tl.constexpr = 12582912.0
+_FLOAT32_INTEGER_BIAS_BITS = tl.constexpr(0x4B400000)
+_FLOAT32_INTEGER_BIAS = tl.constexpr(12582912.0)
 
 
 @triton.jit
