@@ -8,14 +8,14 @@ weights: the kernel streams int8 tiles, converts them to the activation dtype in
 rows alone give too few programs to keep the memory busy; a second kernel sums the splits' fp32
 partial products in a fixed order (deterministic) and applies the scales.
 
-One row (batch-1 decode) takes a matrix-vector kernel instead: at one row a tensor-core tile is
-mostly padding, so the products are summed on the CUDA cores, with the row block, the inputs
-per step and the warps autotuned per weight shape.
+One row takes a matrix-vector kernel instead: at one row a tensor-core tile is mostly padding, so
+the products are summed on the CUDA cores, with the row block, the inputs per step and the warps
+autotuned per weight shape (int8 dynamic's batch-1 decode uses it; int8 weight-only sends one row
+to torchao's matmul, whose Inductor reductions fused with their neighbours were faster in a
+decode step: see quantization.Int8WeightOnlyLinear).
 
 Why our own kernel: for torchao's int8 matmul at 32 rows, Inductor calls ATen's fp32-loop
-``_weight_int8pack_mm`` on the GPU (0.8 ms for 2048 x 8192 on H100, 100x the bf16 matmul); at one
-row Inductor's fused reductions read the SwiGLU down-projection's int8 weight no faster than bf16
-(its fused silu(a) * b prologue is recomputed for every block of output rows).
+``_weight_int8pack_mm`` on the GPU (0.8 ms for 2048 x 8192 on H100, 100x the bf16 matmul).
 """
 
 from __future__ import annotations

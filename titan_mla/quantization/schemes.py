@@ -73,17 +73,18 @@ class QuantizedLinear(nn.Linear):
 
 
 class Int8WeightOnlyLinear(QuantizedLinear):
-    """A linear whose weight torchao quantized with ``Int8WeightOnlyConfig``: decode-sized inputs
-    (1 to MAX_ROWS rows) take titan_mla's int8 kernels on the same int8 values and scales
-    (``titan_mla::int8_weight_only_linear``); more rows (prefill) take torchao's matmul.
+    """A linear whose weight torchao quantized with ``Int8WeightOnlyConfig``: inputs of 2 to
+    MAX_ROWS rows (batched decode steps) take titan_mla's int8 kernel on the same int8 values and
+    scales (``titan_mla::int8_weight_only_linear``); one row and more than MAX_ROWS (prefill) take
+    torchao's matmul.
 
-    Why (H100, 1B decode step, compiled, CUDA graph): at 32 rows torchao's matmul compiles to
-    ATen's fp32-loop ``_weight_int8pack_mm`` (0.03x bf16; our kernel 1.04x); at one row Inductor's
-    reductions of torchao's matmul read the SwiGLU down-projection and the query projection no
-    faster than bf16."""
+    Measured on H100 (1B decode step, compiled, CUDA graph; benchmarks/NOTES.md): at 32 rows
+    torchao's matmul compiles to ATen's fp32-loop ``_weight_int8pack_mm`` (0.03x bf16), our kernel
+    gives 1.03x; at one row Inductor's reductions of torchao's matmul, fused with their
+    neighbours, gave 1.25x bf16, our matrix-vector kernel 1.14-1.19x."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.numel() // x.shape[-1] > MAX_ROWS:
+        if not 1 < x.numel() // x.shape[-1] <= MAX_ROWS:
             return super().forward(x)
         out = int8_weight_only_linear(x, self.weight.qdata, self.weight.scale)
         return out if self.bias is None else out + self.bias
@@ -123,7 +124,7 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("bf16", "no quantization (the model dtype: bf16 on GPU, fp32 on CPU)", None),
         Scheme(
             "int8_weight_only",
-            "int8 per-channel weights, matmul in bf16 (decode: titan_mla's int8 kernels)",
+            "int8 per-channel weights, matmul in bf16 (batched decode: titan_mla's int8 kernel)",
             _int8_weight_only,
             linear_class=Int8WeightOnlyLinear,
         ),
