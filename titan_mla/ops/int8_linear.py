@@ -61,22 +61,6 @@ def _gemv_configs() -> list[triton.Config]:
     return configs[:1] if KERNELS_INTERPRETED else configs
 
 
-# 1.5 * 2**23: floats in [2**23, 2**24) are the integers, so an int8 added to its bit pattern is
-# exact, and subtracting the float gives the int8 back.
-_FLOAT32_INTEGER_BIAS_BITS = tl.constexpr(0x4B400000)
-_FLOAT32_INTEGER_BIAS = tl.constexpr(12582912.0)
-
-
-@triton.jit
-def _int8_to_float32(q):
-    """int8 -> float32 by an integer add and a float subtract (full-rate ALU and FMA work), not a
-    int-to-float conversion (16 per clock per SM on Hopper, a quarter of the FMA rate): at one
-    row a matrix-vector product converts every weight and multiplies it only once."""
-    return (q.to(tl.int32) + _FLOAT32_INTEGER_BIAS_BITS).to(
-        tl.float32, bitcast=True
-    ) - _FLOAT32_INTEGER_BIAS
-
-
 @triton.autotune(configs=_gemv_configs(), key=["n_out", "n_in"])
 @triton.jit
 def _int8_gemv_kernel(
@@ -102,7 +86,7 @@ def _int8_gemv_kernel(
         k_mask = ks < n_in
         x = tl.load(x_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
         q = tl.load(weight_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0)
-        acc += _int8_to_float32(q) * x[None, :]
+        acc += q.to(tl.float32) * x[None, :]
     scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     y = tl.sum(acc, axis=1) * scale
     tl.store(out_ptr + cols, y.to(out_ptr.dtype.element_ty), mask=col_mask)
