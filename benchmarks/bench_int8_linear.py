@@ -59,9 +59,9 @@ def bench_linear(name: str, n_out: int, n_in: int, rows: int) -> list[dict]:
         nn.Linear(n_in, n_out, bias=False, device="cuda", dtype=torch.bfloat16)
         for _ in range(copies)
     )
-    ours, torchao = copy.deepcopy(bf16), copy.deepcopy(bf16)
-    quantize_model(ours, "int8_weight_only", skip=())
-    quantize_model(torchao, "int8_weight_only", skip=(), torchao_matmuls_only=True)
+    # torchao's int8 weights, read by its matmul and by our op alike.
+    int8 = copy.deepcopy(bf16)
+    quantize_model(int8, "int8_weight_only", skip=(), torchao_matmuls_only=True)
     x = torch.randn(rows, n_in, device="cuda", dtype=torch.bfloat16)
 
     def over_copies(linear: Callable, linears: nn.ModuleList) -> Callable[[], list[torch.Tensor]]:
@@ -77,10 +77,10 @@ def bench_linear(name: str, n_out: int, n_in: int, rows: int) -> list[dict]:
     variants = {
         "bf16_cublas": (over_copies(F.linear, bf16), bf16),
         "bf16_inductor": (over_copies(compiled_linear, bf16), bf16),
-        "int8_torchao_inductor": (over_copies(compiled_linear, torchao), torchao),
-        "int8_titan_mla": (over_copies(int8_titan_mla, ours), ours),
+        "int8_torchao_inductor": (over_copies(compiled_linear, int8), int8),
+        "int8_titan_mla": (over_copies(int8_titan_mla, int8), int8),
     }
-    weight = ours[0].weight
+    weight = int8[0].weight
     int8_expected = int8_weight_only_linear_reference(x.float(), weight.qdata, weight.scale)
     bf16_expected = x.float() @ bf16[0].weight.float().t()
     case = f"{name}_{n_out}x{n_in}_rows{rows}"

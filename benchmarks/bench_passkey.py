@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import gpu_tag, write_result
-from titan_mla.longctx.eval import ANSWER_ROOM
+from titan_mla.longctx.eval import ANSWER_ROOM, PASSKEY_DEPTHS
 
 REPO = Path(__file__).resolve().parents[1]
 LOSS_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*([\d.]+)")
@@ -151,7 +151,7 @@ def stage_small(args) -> tuple[list[dict], dict, dict]:
         args.timeout,
     )
     lengths = [train_len * f - ANSWER_ROOM for f in (1, 2, 4, 8)]
-    depths = [0.0, 0.25, 0.5, 0.75, 1.0]
+    depths = PASSKEY_DEPTHS
     samples = 2 if args.smoke else args.samples
     overrides = (f"--training.seq_len={train_len}",)
     dtype = getattr(torch, args.small_eval_dtype)

@@ -289,7 +289,12 @@ def passkey_accuracy(
 
 
 def profile_decode(
-    engine: MLAEngine, tokens: torch.Tensor, batch: int, settings: Settings, folder: Path
+    engine: MLAEngine,
+    tokens: torch.Tensor,
+    batch: int,
+    settings: Settings,
+    timer: Timer,
+    folder: Path,
 ) -> dict[str, float]:
     """PROFILE_STEPS decode steps of ``batch`` sequences under torch.profiler, run
     after ``decode_throughput`` (compiled and captured as measured): ``decode.pt.trace.json`` (the
@@ -299,7 +304,6 @@ def profile_decode(
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = engine.device.type == "cuda"
-    timer = Timer(engine.device)
     steps = min(PROFILE_STEPS, settings.decode_steps)
     prompts = prompts_from(tokens, batch, settings.decode_context)
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_gpu else [])]
@@ -365,7 +369,7 @@ def measure_variant(
         )
         if settings.profile_dir is not None:
             folder = settings.profile_dir / f"{variant.name}_b{batch}"
-            profile[batch] = profile_decode(engine, tokens, batch, settings, folder)
+            profile[batch] = profile_decode(engine, tokens, batch, settings, timer, folder)
             log(f"   decode batch {batch} profiled: {profile[batch] or folder}")
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     passkey = None  # after the peak: its generator's cache is not the variant's

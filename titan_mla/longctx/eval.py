@@ -40,7 +40,7 @@ from .needles import HAYSTACKS, TASKS, NeedleGenerator, NeedleRecord, is_correct
 # then ends within L positions, as in the training rows, instead of at positions (and query-to-BOS
 # distances) a model trained at L never saw.
 ANSWER_ROOM = 8
-# Needle depths of the single-length passkey scores (ablations): start, quarters, end.
+# Needle depths of the passkey scores (the ablations, bench_passkey, this CLI): start, quarters, end.
 PASSKEY_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
@@ -270,7 +270,7 @@ def write_outputs(name: str, result: dict[str, Any], out: Path) -> None:
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = checkpoint_cli_parser("python -m titan_mla.longctx.eval", __doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", required=True, help="prompt tokens")
-    parser.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--depths", type=float, nargs="+", default=list(PASSKEY_DEPTHS))
     parser.add_argument("--task", choices=TASKS, default="passkey")
     parser.add_argument("--haystack", choices=HAYSTACKS, default="repeat")
     parser.add_argument("--samples", type=int, default=10, help="prompts per cell")

@@ -95,8 +95,9 @@ class Int8DynamicLinear(QuantizedLinear):
     per-token activations x int8 per-channel weights). ``torch._int_mm``, torchao's int8 GEMM on
     CUDA, refuses 16 rows or fewer (a batch-1 decode step failed to compile), so those inputs are
     quantized exactly as torchao quantizes them and their int8 values multiplied in titan_mla's
-    int8 kernel (integer products are exact on the tensor cores; the sums are fp32 rather than
-    int32). More rows, and asymmetric activation schemes, take torchao's matmul."""
+    int8 kernels (integer products are exact in their bf16 tensor-core and fp32 products; the sums
+    are fp32 rather than int32). More rows, and asymmetric activation schemes, take torchao's
+    matmul."""
 
     def forward(self, x: Tensor) -> Tensor:
         from torchao.quantization import MappingType
