@@ -20,7 +20,7 @@ from titan_mla.ops.int8_linear import (
     int8_weight_only_linear_reference,
     split_count,
 )
-from titan_mla.quantization import quantize_model
+from titan_mla.quantization import quantize_model, schemes
 from titan_mla.quantization.schemes import Int8DynamicLinear, Int8WeightOnlyLinear
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -113,7 +113,9 @@ def test_opcheck_cuda_triton_branch():
         torch.library.opcheck(int8_weight_only_linear, args)
 
 
-def test_quantized_linears_take_the_kernel_for_batched_decode_rows_and_torchao_otherwise():
+def test_quantized_linears_take_the_kernel_for_decode_rows_and_torchao_otherwise(monkeypatch):
+    # One row: the 24-output linear takes our kernel, the 40-output one torchao's matmul.
+    monkeypatch.setattr(schemes, "ONE_ROW_KERNEL_MAX_OUT", 32)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(48, 40), nn.Linear(40, 24, bias=False))
     reference = [nn.Linear(48, 40), nn.Linear(40, 24, bias=False)]
@@ -131,7 +133,7 @@ def test_quantized_linears_take_the_kernel_for_batched_decode_rows_and_torchao_o
         x = torch.randn(rows, 48)
         with torch.no_grad(), CountOpCalls(op) as calls:
             ours = model(x)
-        assert calls.count == (2 if 1 < rows <= MAX_ROWS else 0), rows
+        assert calls.count == {1: 1, MAX_ROWS + 1: 0}.get(rows, 2), rows
         with torch.no_grad():
             assert relative_error(ours, reference(x)) < 1e-5
 

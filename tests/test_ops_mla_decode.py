@@ -514,8 +514,10 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
     combine = ASTSource(m._mla_decode_combine_kernel,
                         dict(partial_out_ptr="*fp32", partial_lse_ptr="*fp32", out_ptr="*bf16",
                              NUM_SPLITS="constexpr", LATENT_DIM="constexpr",
-                             BLOCK_SPLITS="constexpr"),
-                        dict(NUM_SPLITS=5, LATENT_DIM=512, BLOCK_SPLITS=8))
+                             BLOCK_SPLITS="constexpr", ALL_SPLITS="constexpr",
+                             BLOCK_D="constexpr"),
+                        dict(NUM_SPLITS=5, LATENT_DIM=512, BLOCK_SPLITS=8, ALL_SPLITS=8,
+                             BLOCK_D=128))
     triton.compile(combine, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
     sys.exit(f"register spills: {failures}" if failures else 0)
     """

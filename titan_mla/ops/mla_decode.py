@@ -70,8 +70,9 @@ _MIN_TOKENS_PER_SPLIT = 256
 _MAX_PARTIAL_TRAFFIC = 0.1
 # Stands in for the SM count under the interpreter: few programs keep CPU tests fast.
 _INTERPRETER_SM_COUNT = 2
-# Splits the combine kernel merges per step.
+# The combine kernel's tile: splits merged per step x latent columns per program.
 _COMBINE_BLOCK_SPLITS = 16
+_COMBINE_BLOCK_D = 128
 
 
 @triton.jit
@@ -543,13 +544,27 @@ def _mla_decode_combine_kernel(
     NUM_SPLITS: tl.constexpr,
     LATENT_DIM: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
+    ALL_SPLITS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    # One program per (sequence, query row): out = sum_s 2^(lse_s - lse) * out_s, lse = log2-sum.
+    # One program per (sequence x query row, BLOCK_D latent columns):
+    # out = sum_s 2^(lse_s - lse) * out_s, lse = log2-sum. The maximum lse comes first, from one
+    # load of every split's lse, so the chunks below do not depend on each other: their loads
+    # are all in flight at once (a running maximum would chain them), and a sequence's few rows
+    # still spread over several programs per row (batch 1: 16 rows x 4 column blocks).
     row = tl.program_id(0).to(tl.int64)
-    latent_cols = tl.arange(0, LATENT_DIM)
-    max_lse = tl.full((), -float("inf"), tl.float32)
-    weight_sum = tl.zeros((), tl.float32)
-    acc = tl.zeros((LATENT_DIM,), tl.float32)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    all_splits = tl.arange(0, ALL_SPLITS)
+    all_lse = tl.load(
+        partial_lse_ptr + row * NUM_SPLITS + all_splits,
+        mask=all_splits < NUM_SPLITS,
+        other=-float("inf"),
+    )
+    max_lse = tl.max(all_lse, axis=0)
+    # Empty splits have lse -inf: a finite reference keeps their weight 0 (and no inf - inf).
+    reference = tl.where(max_lse == -float("inf"), 0.0, max_lse)
+    weight_sum = tl.sum(tl.exp2(all_lse - reference), axis=0)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
     for chunk_begin in range(0, NUM_SPLITS, BLOCK_SPLITS):
         splits = chunk_begin + tl.arange(0, BLOCK_SPLITS)
         lse = tl.load(
@@ -557,24 +572,15 @@ def _mla_decode_combine_kernel(
             mask=splits < NUM_SPLITS,
             other=-float("inf"),
         )
-        new_max = tl.maximum(max_lse, tl.max(lse, axis=0))
-        # Empty splits have lse -inf: a finite reference keeps their weight 0 and avoids inf - inf.
-        reference = tl.where(new_max == -float("inf"), 0.0, new_max)
-        alpha = tl.exp2(max_lse - reference)
-        weights = tl.exp2(lse - reference)
         # Empty splits wrote zeros: not worth reading.
         partial = tl.load(
-            partial_out_ptr
-            + (row * NUM_SPLITS + splits)[:, None] * LATENT_DIM
-            + latent_cols[None, :],
+            partial_out_ptr + (row * NUM_SPLITS + splits)[:, None] * LATENT_DIM + cols[None, :],
             mask=(lse > -float("inf"))[:, None],
             other=0.0,
         )
-        acc = acc * alpha + tl.sum(weights[:, None] * partial, axis=0)
-        weight_sum = weight_sum * alpha + tl.sum(weights, axis=0)
-        max_lse = new_max
+        acc += tl.sum(tl.exp2(lse - reference)[:, None] * partial, axis=0)
     out = acc / tl.where(weight_sum > 0.0, weight_sum, 1.0)
-    tl.store(out_ptr + row * LATENT_DIM + latent_cols, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + row * LATENT_DIM + cols, out.to(out_ptr.dtype.element_ty))
 
 
 @dataclass(frozen=True)
@@ -849,13 +855,16 @@ def mla_decode_triton(
         num_stages=config.num_stages,
     )
     if num_splits > 1:
-        _mla_decode_combine_kernel[(batch * n_rows,)](
+        block_d = min(_COMBINE_BLOCK_D, latent_dim)
+        _mla_decode_combine_kernel[(batch * n_rows, latent_dim // block_d)](
             partial_out,
             partial_lse,
             out,
             NUM_SPLITS=num_splits,
             LATENT_DIM=latent_dim,
             BLOCK_SPLITS=min(_COMBINE_BLOCK_SPLITS, triton.next_power_of_2(num_splits)),
+            ALL_SPLITS=triton.next_power_of_2(num_splits),
+            BLOCK_D=block_d,
             num_warps=4,
         )
     return out

@@ -15,6 +15,9 @@ FP8_CACHE_SUFFIX = "+fp8cache"
 DEFAULT_SKIP = ("wkv_b",)
 FP8_MIN_CAPABILITY = (8, 9)  # float8 matmuls (torch._scaled_mm): Ada / Hopper and newer
 INT_MM_MIN_ROWS = 17  # torch._int_mm (cuBLAS int8 GEMM) needs more than 16 rows
+# Int8 weight-only, one row: weights with more outputs go to torchao's matmul (see
+# Int8WeightOnlyLinear).
+ONE_ROW_KERNEL_MAX_OUT = 4096
 
 
 def _int8_weight_only() -> Any:
@@ -74,17 +77,21 @@ class QuantizedLinear(nn.Linear):
 
 class Int8WeightOnlyLinear(QuantizedLinear):
     """A linear whose weight torchao quantized with ``Int8WeightOnlyConfig``: inputs of 2 to
-    MAX_ROWS rows (batched decode steps) take titan_mla's int8 kernel on the same int8 values and
-    scales (``titan_mla::int8_weight_only_linear``); one row and more than MAX_ROWS (prefill) take
-    torchao's matmul.
+    MAX_ROWS rows (batched decode steps), and one row (batch-1 decode) into at most
+    ONE_ROW_KERNEL_MAX_OUT outputs, take titan_mla's int8 kernels on the same int8 values and
+    scales (``titan_mla::int8_weight_only_linear``); wider one-row products and more than MAX_ROWS
+    rows (prefill) take torchao's matmul.
 
-    Measured on H100 (1B decode step, compiled, CUDA graph; benchmarks/NOTES.md): at 32 rows
-    torchao's matmul compiles to ATen's fp32-loop ``_weight_int8pack_mm`` (0.03x bf16), our kernel
-    gives 1.03x; at one row Inductor's reductions of torchao's matmul, fused with their
-    neighbours, gave 1.25x bf16, our matrix-vector kernel 1.14-1.19x."""
+    Measured on H100 (benchmarks/NOTES.md): at 32 rows torchao's matmul compiles to ATen's
+    fp32-loop ``_weight_int8pack_mm`` (0.03x bf16), our kernel gives 1.03x. At one row Inductor
+    turns torchao's matmul into a reduction over the inputs, one program per few outputs: on the
+    wide weights (the SwiGLU's w1 and w3, fused into one reduction over their shared input; the
+    output head) it reads int8 at 2.5-2.6 TB/s, on the narrow ones (wkv_a, wo, wq, w2) at 0.3-0.9
+    TB/s where our matrix-vector kernel is 1.05-1.5x faster."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not 1 < x.numel() // x.shape[-1] <= MAX_ROWS:
+        rows = x.numel() // x.shape[-1]
+        if rows > MAX_ROWS or (rows == 1 and self.out_features > ONE_ROW_KERNEL_MAX_OUT):
             return super().forward(x)
         out = int8_weight_only_linear(x, self.weight.qdata, self.weight.scale)
         return out if self.bias is None else out + self.bias
