@@ -208,8 +208,8 @@ def tuning_candidates(key: tuple[str, int, bool], smoke: bool) -> list[DecodeCon
             "bf16": [
                 (32, 8, 5, False, False),
                 (64, 8, 3, False, False),
-                (16, 4, 5, False, False),
                 (32, 4, 3, False, False),
+                (32, 8, 1, True, False),
             ],
             "fp8": [
                 (32, 8, 1, True, False),

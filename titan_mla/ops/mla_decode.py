@@ -70,9 +70,10 @@ _MIN_TOKENS_PER_SPLIT = 256
 _MAX_PARTIAL_TRAFFIC = 0.1
 # Stands in for the SM count under the interpreter: few programs keep CPU tests fast.
 _INTERPRETER_SM_COUNT = 2
-# The combine kernel's tile: splits merged per step x latent columns per program.
-_COMBINE_BLOCK_SPLITS = 16
-_COMBINE_BLOCK_D = 128
+# The combine kernel's tile (splits x latent columns of one row): up to this many values, so that
+# every split's partial comes in one load (in chunks of _COMBINE_MAX_SPLITS past that).
+_COMBINE_TILE = 8192
+_COMBINE_MAX_SPLITS = 512
 
 
 @triton.jit
@@ -113,10 +114,30 @@ def _per_row(values, GROUPS: tl.constexpr):
 
 
 @triton.jit
+def _tile_pages(
+    tile_begin, split_end, block_table_row_ptr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """Page ids (int64) of the tokens [tile_begin, tile_begin + BLOCK_N): one id when a tile lies
+    in one page, else one per token; 0 past split_end (table entries past a sequence's pages may
+    be garbage: never read)."""
+    if PAGE_SIZE % BLOCK_N == 0:
+        # Tiles start at multiples of BLOCK_N, so a tile lies in one page: one table entry.
+        pages = tl.load(
+            block_table_row_ptr + tile_begin // PAGE_SIZE, mask=tile_begin < split_end, other=0
+        )
+    else:
+        positions = tile_begin + tl.arange(0, BLOCK_N)
+        pages = tl.load(
+            block_table_row_ptr + positions // PAGE_SIZE, mask=positions < split_end, other=0
+        )
+    return pages.to(tl.int64)
+
+
+@triton.jit
 def _load_tile(
     tile_begin,
     split_end,
-    block_table_row_ptr,
+    pages,
     latent_cache_ptr,
     k_pe_cache_ptr,
     latent_scale_ptr,
@@ -133,21 +154,14 @@ def _load_tile(
     GROUP_LAYOUT: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Raw cache rows of the tokens [tile_begin, tile_begin + BLOCK_N) below split_end:
-    (latent, scales, k_pe (BLOCK_N, ROPE_DIM)), zeros past split_end. The latent is
-    (BLOCK_N, LATENT_DIM) with fp8 scales (BLOCK_N, SCALE_GROUPS), or in the grouped layout
-    (GROUP_LAYOUT > 0) (SCALE_GROUPS, BLOCK_N, group size) with scales (SCALE_GROUPS, BLOCK_N);
-    scales are a (1, BLOCK_N) placeholder for a bf16/fp32 cache. Nothing past split_end is
-    read: unused pages may hold NaN and table entries past a sequence's pages may be garbage."""
+    """Raw cache rows of the tokens [tile_begin, tile_begin + BLOCK_N) below split_end, on the
+    ``pages`` of _tile_pages: (latent, scales, k_pe (BLOCK_N, ROPE_DIM)), zeros past split_end.
+    The latent is (BLOCK_N, LATENT_DIM) with fp8 scales (BLOCK_N, SCALE_GROUPS), or in the grouped
+    layout (GROUP_LAYOUT > 0) (SCALE_GROUPS, BLOCK_N, group size) with scales (SCALE_GROUPS,
+    BLOCK_N); scales are a (1, BLOCK_N) placeholder for a bf16/fp32 cache. Nothing past split_end
+    is read: unused pages may hold NaN."""
     positions = tile_begin + tl.arange(0, BLOCK_N)
     in_split = positions < split_end
-    if PAGE_SIZE % BLOCK_N == 0:
-        # Tiles start at multiples of BLOCK_N, so a tile lies in one page: one table entry.
-        page = tl.load(block_table_row_ptr + tile_begin // PAGE_SIZE, mask=tile_begin < split_end)
-        pages = page.to(tl.int64)
-    else:
-        pages = tl.load(block_table_row_ptr + positions // PAGE_SIZE, mask=in_split, other=0)
-        pages = pages.to(tl.int64)
     slots = positions % PAGE_SIZE
 
     latent_rows = pages * latent_stride_page + slots * latent_stride_token
@@ -252,6 +266,7 @@ def _decode_step(
     latent,
     scales,
     k_pe,
+    pages,
     max_score,
     denominator,
     acc,
@@ -276,13 +291,15 @@ def _decode_step(
     PREFETCH: tl.constexpr,
 ):
     """One loop iteration over the tile at tile_begin; (latent, scales, k_pe) carry a prefetched
-    tile between iterations.
+    tile between iterations, ``pages`` the page ids of the tile this iteration loads.
 
-    PREFETCH: issue the loads of the next tile, then attend to the current one, loaded by the
-    previous iteration, so that the loads' latency overlaps this tile's math. Triton's software
-    pipeliner (num_stages) does not take loads that feed a dot through a conversion (the fp8
-    cache), and behind the page-table load it double-buffers only from num_stages = 5. Without
-    PREFETCH, the tile is loaded here and the pipeliner may stage it (the carried tile is unused).
+    The page ids come one iteration ahead (read here for the next load), so a tile's load waits on
+    no table read of its own iteration: the chain table read -> tile read was the latency of
+    every iteration. PREFETCH: issue the loads of the next tile, then attend to the current one,
+    loaded by the previous iteration, so that the loads' latency overlaps this tile's math.
+    Triton's software pipeliner (num_stages) does not take loads that feed a dot through a
+    conversion (the fp8 cache). Without PREFETCH, the tile is loaded here and the pipeliner may
+    stage it (the carried tile is unused).
     """
     if PREFETCH:
         current_latent, current_scales, current_k_pe = latent, scales, k_pe
@@ -292,7 +309,7 @@ def _decode_step(
     latent, scales, k_pe = _load_tile(
         load_begin,
         split_end,
-        block_table_row_ptr,
+        pages,
         latent_cache_ptr,
         k_pe_cache_ptr,
         latent_scale_ptr,
@@ -309,6 +326,7 @@ def _decode_step(
         GROUP_LAYOUT,
         BLOCK_N,
     )
+    pages = _tile_pages(load_begin + BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE, BLOCK_N)
     if not PREFETCH:
         current_latent, current_scales, current_k_pe = latent, scales, k_pe
     max_score, denominator, acc = _attend_tile(
@@ -329,7 +347,7 @@ def _decode_step(
         BLOCK_N,
         FP32_DOTS,
     )
-    return max_score, denominator, acc, latent, scales, k_pe
+    return max_score, denominator, acc, latent, scales, k_pe, pages
 
 
 @triton.jit
@@ -419,10 +437,11 @@ def _mla_decode_split_kernel(
     else:
         acc = tl.zeros((BLOCK_H, LATENT_DIM), tl.float32)
     block_table_row_ptr = block_table_ptr + batch64 * block_table_stride_batch
+    pages = _tile_pages(split_begin, split_end, block_table_row_ptr, PAGE_SIZE, BLOCK_N)
     latent, scales, k_pe = _load_tile(
         split_begin,
         split_end,
-        block_table_row_ptr,
+        pages,
         latent_cache_ptr,
         k_pe_cache_ptr,
         latent_scale_ptr,
@@ -439,11 +458,15 @@ def _mla_decode_split_kernel(
         GROUP_LAYOUT,
         BLOCK_N,
     )
+    if PREFETCH:  # the first tile is loaded: the loop's first load is the second tile
+        pages = _tile_pages(
+            split_begin + BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE, BLOCK_N
+        )
     # A for loop on the GPU, where Triton software-pipelines for loops only; a while loop in the
     # interpreter, which cannot run range() over runtime bounds with numpy >= 2.4.
     if USE_FOR_LOOP:
         for tile_begin in range(split_begin, split_end, BLOCK_N):
-            max_score, denominator, acc, latent, scales, k_pe = _decode_step(
+            max_score, denominator, acc, latent, scales, k_pe, pages = _decode_step(
                 tile_begin,
                 split_end,
                 row_limit,
@@ -452,6 +475,7 @@ def _mla_decode_split_kernel(
                 latent,
                 scales,
                 k_pe,
+                pages,
                 max_score,
                 denominator,
                 acc,
@@ -478,7 +502,7 @@ def _mla_decode_split_kernel(
     else:
         tile_begin = split_begin
         while tile_begin < split_end:
-            max_score, denominator, acc, latent, scales, k_pe = _decode_step(
+            max_score, denominator, acc, latent, scales, k_pe, pages = _decode_step(
                 tile_begin,
                 split_end,
                 row_limit,
@@ -487,6 +511,7 @@ def _mla_decode_split_kernel(
                 latent,
                 scales,
                 k_pe,
+                pages,
                 max_score,
                 denominator,
                 acc,
@@ -544,26 +569,26 @@ def _mla_decode_combine_kernel(
     NUM_SPLITS: tl.constexpr,
     LATENT_DIM: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
-    ALL_SPLITS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     # One program per (sequence x query row, BLOCK_D latent columns):
-    # out = sum_s 2^(lse_s - lse) * out_s, lse = log2-sum. The maximum lse comes first, from one
-    # load of every split's lse, so the chunks below do not depend on each other: their loads
-    # are all in flight at once (a running maximum would chain them), and a sequence's few rows
-    # still spread over several programs per row (batch 1: 16 rows x 4 column blocks).
+    # out = sum_s 2^(lse_s - lse) * out_s, lse = log2-sum. The maximum lse comes first, so that
+    # the chunks of splits do not depend on each other (usually one chunk: every split's partial
+    # columns in one load); a sequence's few rows still spread over many programs.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    all_splits = tl.arange(0, ALL_SPLITS)
-    all_lse = tl.load(
-        partial_lse_ptr + row * NUM_SPLITS + all_splits,
-        mask=all_splits < NUM_SPLITS,
-        other=-float("inf"),
-    )
-    max_lse = tl.max(all_lse, axis=0)
+    max_lse = tl.full((), -float("inf"), tl.float32)
+    for chunk_begin in range(0, NUM_SPLITS, BLOCK_SPLITS):
+        splits = chunk_begin + tl.arange(0, BLOCK_SPLITS)
+        lse = tl.load(
+            partial_lse_ptr + row * NUM_SPLITS + splits,
+            mask=splits < NUM_SPLITS,
+            other=-float("inf"),
+        )
+        max_lse = tl.maximum(max_lse, tl.max(lse, axis=0))
     # Empty splits have lse -inf: a finite reference keeps their weight 0 (and no inf - inf).
     reference = tl.where(max_lse == -float("inf"), 0.0, max_lse)
-    weight_sum = tl.sum(tl.exp2(all_lse - reference), axis=0)
+    weight_sum = tl.zeros((), tl.float32)
     acc = tl.zeros((BLOCK_D,), tl.float32)
     for chunk_begin in range(0, NUM_SPLITS, BLOCK_SPLITS):
         splits = chunk_begin + tl.arange(0, BLOCK_SPLITS)
@@ -578,7 +603,9 @@ def _mla_decode_combine_kernel(
             mask=(lse > -float("inf"))[:, None],
             other=0.0,
         )
-        acc += tl.sum(tl.exp2(lse - reference)[:, None] * partial, axis=0)
+        weights = tl.exp2(lse - reference)
+        acc += tl.sum(weights[:, None] * partial, axis=0)
+        weight_sum += tl.sum(weights, axis=0)
     out = acc / tl.where(weight_sum > 0.0, weight_sum, 1.0)
     tl.store(out_ptr + row * LATENT_DIM + cols, out.to(out_ptr.dtype.element_ty))
 
@@ -855,15 +882,15 @@ def mla_decode_triton(
         num_stages=config.num_stages,
     )
     if num_splits > 1:
-        block_d = min(_COMBINE_BLOCK_D, latent_dim)
+        block_splits = min(_COMBINE_MAX_SPLITS, triton.next_power_of_2(num_splits))
+        block_d = min(latent_dim, max(16, _COMBINE_TILE // block_splits))
         _mla_decode_combine_kernel[(batch * n_rows, latent_dim // block_d)](
             partial_out,
             partial_lse,
             out,
             NUM_SPLITS=num_splits,
             LATENT_DIM=latent_dim,
-            BLOCK_SPLITS=min(_COMBINE_BLOCK_SPLITS, triton.next_power_of_2(num_splits)),
-            ALL_SPLITS=triton.next_power_of_2(num_splits),
+            BLOCK_SPLITS=block_splits,
             BLOCK_D=block_d,
             num_warps=4,
         )
