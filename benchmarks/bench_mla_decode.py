@@ -197,19 +197,20 @@ def copy_bandwidth(n_bytes: int) -> float:
 
 def tuning_candidates(key: tuple[str, int, bool], smoke: bool) -> list[DecodeConfig]:
     """The launch configurations --tune times for a TUNED_CONFIGS key (at most 12): tile shapes
-    that compile for sm_90 without register spills (ptxas -v, checked by hand; blocks of 16
-    rows fit 4 or 8 warps, blocks of 64 rows need 8 warps and fp8 at most 2 stages), each with the split heuristic aiming at a
-    few programs per SM (fewer, longer splits for long single sequences). 128 heads never split
-    (the fp32 partials would cost more than the cache), so there only the tile shape varies."""
+    that compile for sm_90 without register spills and within shared memory (ptxas -v, checked by
+    hand; blocks of 16 rows fit 4 or 8 warps, blocks of 64 rows need 8 warps, at most 4 stages
+    for bf16 and 2 for fp8), each with the split heuristic aiming at a few programs per SM (fewer,
+    longer splits for long single sequences). 128 heads never split (the fp32 partials would cost
+    more than the cache), so there only the tile shape varies."""
     kind, block_h, few_programs = key
     if block_h < 64:
         # (block_n, num_warps, num_stages, prefetch, fp8_grouped_dots)
         tiles = {
             "bf16": [
-                (32, 8, 5, False, False),
-                (64, 8, 3, False, False),
                 (32, 4, 3, False, False),
-                (32, 8, 1, True, False),
+                (32, 4, 2, False, False),
+                (64, 8, 3, False, False),
+                (32, 8, 5, False, False),
             ],
             "fp8": [
                 (32, 8, 1, True, False),
@@ -222,11 +223,11 @@ def tuning_candidates(key: tuple[str, int, bool], smoke: bool) -> list[DecodeCon
     else:
         tiles = {
             "bf16": [
-                (32, 8, 5, False, False),
+                (32, 8, 4, False, False),
+                (32, 8, 3, False, False),
                 (16, 8, 5, False, False),
                 (16, 8, 4, False, False),
                 (16, 8, 3, False, False),
-                (16, 8, 2, False, False),
             ],
             # Grouped dots spill from 32 rows on: not a candidate here.
             "fp8": [(32, 8, 2, False, False), (16, 8, 2, False, False)],

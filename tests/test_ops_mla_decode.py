@@ -352,14 +352,15 @@ def test_input_checks():
 def test_default_num_splits():
     splits = mla_decode_module.default_num_splits
     bf16_token = 512 * 2 + 64 * 2
-    # 16 heads: enough programs for 4 per SM of 132; one program per sequence per split.
-    assert splits(128, 16, 4096, 512, bf16_token, 16, 132) == 5
+    # 16 heads: programs for 4 per SM of 132, rounded down to whole splits (4.1 -> 4); one program
+    # per sequence per split.
+    assert splits(128, 16, 4096, 512, bf16_token, 16, 132) == 4
     assert splits(1, 16, 1 << 20, 512, bf16_token, 16, 132) == 528
     # 128 heads: the fp32 partials would cost more than 10% of the cache bytes: no split.
     assert splits(128, 128, 4096, 512, bf16_token, 64, 132) == 1
-    # Never below one wave, never below 256 tokens per split.
+    # Never below one wave, never below 128 tokens per split.
     assert splits(1, 16, 65536, 512, bf16_token, 16, 132) == 132
-    assert splits(1, 16, 300, 512, bf16_token, 16, 132) == 1
+    assert splits(1, 16, 300, 512, bf16_token, 16, 132) == 2
     # A target below one program per SM: fewer, longer splits (a quarter wave).
     assert splits(1, 16, 65536, 512, bf16_token, 16, 132, programs_per_sm=0.25) == 33
     # 8 per SM would be 9 splits; the partials' traffic cap (10% of 4096 tokens) allows 7.
@@ -479,6 +480,7 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
     from titan_mla.ops import mla_decode as m
 
     kernel = m._mla_decode_split_kernel
+    SM90_MAX_SHARED = 232448  # bytes of shared memory a block may use on H100
     ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
     failures = []
     # Every distinct entry of the table (keys differing in program count often share one).
@@ -513,13 +515,15 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
         print(kind, config, f"smem {compiled.metadata.shared}", registers)
         if " 0 bytes spill stores" not in report:
             failures.append((kind, config, report))
+        if compiled.metadata.shared > SM90_MAX_SHARED:
+            failures.append((kind, config, f"shared memory {compiled.metadata.shared}"))
     combine = ASTSource(m._mla_decode_combine_kernel,
                         dict(partial_out_ptr="*fp32", partial_lse_ptr="*fp32", out_ptr="*bf16",
                              NUM_SPLITS="constexpr", LATENT_DIM="constexpr",
                              BLOCK_SPLITS="constexpr", BLOCK_D="constexpr"),
                         dict(NUM_SPLITS=5, LATENT_DIM=512, BLOCK_SPLITS=8, BLOCK_D=512))
     triton.compile(combine, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-    sys.exit(f"register spills: {failures}" if failures else 0)
+    sys.exit(f"register spills or too much shared memory: {failures}" if failures else 0)
     """
 )
 

@@ -66,7 +66,7 @@ MAX_Q_LEN = 4
 # Splits heuristic (the programs per SM it aims at are in DecodeConfig): at least this many
 # tokens per split, and keep the partial outputs' traffic (written and read back in fp32) at most
 # this fraction of the cache bytes read.
-_MIN_TOKENS_PER_SPLIT = 256
+_MIN_TOKENS_PER_SPLIT = 128
 _MAX_PARTIAL_TRAFFIC = 0.1
 # Stands in for the SM count under the interpreter: few programs keep CPU tests fast.
 _INTERPRETER_SM_COUNT = 2
@@ -635,15 +635,17 @@ class DecodeConfig:
 # Tuned launch parameters, keyed by (cache kind, block_h, few programs), where "few programs" means
 # batch x head groups <= SM count / 8 (a few long sequences: the split count decides the speed).
 # `python benchmarks/bench_mla_decode.py --tune` prints a replacement for this table. Checked by
-# compiling for sm_90 without register spills (tests/test_ops_mla_decode.py). Values: the --tune
-# run on H100 at 16ed0bd (candidates timed as CUDA-graph replays, as the benchmark rows): bf16
-# takes the pipeliner's cp.async buffers, fewer splits per SM than the 4 first guessed (2 for many
-# sequences, 1 for a few long ones: 1.16x at batch 128 x 4096, 1.16x at one 1M sequence); an fp8
-# cache prefetches in registers, except at 64 rows, where that would spill.
+# compiling for sm_90 within shared memory and without register spills
+# (tests/test_ops_mla_decode.py). bf16 at 16 rows: a sweep of tiles x split counts on H100 with the
+# table reads one tile ahead (kernel time, L2 flushed; benchmarks/NOTES.md): 32-token tiles, 4 warps,
+# 3 stages are best or within 2% of it for one sequence of 128 to 1M tokens and for batch 32 at 512
+# tokens; batch 128 x 4096 takes them with fewer splits (whole waves of programs at 2 per SM).
+# 64 rows (128 heads): 4 stages, the most that fit shared memory with that read-ahead. fp8: the
+# --tune run at 16ed0bd (register prefetch, except at 64 rows, where that would spill).
 TUNED_CONFIGS: dict[tuple[str, int, bool], DecodeConfig] = {
     ("bf16", 16, False): DecodeConfig(16, 32, 4, 3, prefetch=False, programs_per_sm=2.0),
-    ("bf16", 16, True): DecodeConfig(16, 32, 8, 5, prefetch=False, programs_per_sm=1.0),
-    ("bf16", 64, False): DecodeConfig(64, 32, 8, 5, prefetch=False),
+    ("bf16", 16, True): DecodeConfig(16, 32, 4, 3, prefetch=False, programs_per_sm=1.0),
+    ("bf16", 64, False): DecodeConfig(64, 32, 8, 4, prefetch=False),
     ("fp8", 16, False): DecodeConfig(16, 32, 8, 1, prefetch=True, programs_per_sm=8.0),
     ("fp8", 16, True): DecodeConfig(16, 32, 8, 1, prefetch=True, programs_per_sm=1.0),
     ("fp8", 64, False): DecodeConfig(64, 32, 8, 2, prefetch=False),
@@ -700,7 +702,8 @@ def default_num_splits(
     programs, never fewer than ``_MIN_TOKENS_PER_SPLIT`` tokens of the longest context per split.
     """
     programs = batch * triton.cdiv(n_rows, block_h)
-    splits = math.ceil(programs_per_sm * sm_count / programs)
+    # Rounded down: a last partial wave of programs costs as much as a whole one.
+    splits = int(programs_per_sm * sm_count / programs)
     partial_bytes_per_split = 2 * n_rows * latent_dim * 4
     cache_bytes = max_context * cache_bytes_per_token
     splits = min(splits, int(_MAX_PARTIAL_TRAFFIC * cache_bytes / partial_bytes_per_split))

@@ -170,13 +170,14 @@ def _check_hidden_size(x: Tensor, weight: Tensor) -> None:
         )
 
 
-def _forward_config(n_cols: int) -> tuple[int, int, int]:
+def _forward_config(n_rows: int, n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_ROWS, BLOCK_COLS, num_warps): tiles of 8192 elements, whole rows, several of them for
-    small hidden sizes so that every program still moves enough bytes."""
+    small hidden sizes so that every program still moves enough bytes; no more rows than there
+    are (a decode step norms one row per sequence), with fewer warps for small tiles."""
     block_cols = triton.next_power_of_2(n_cols)
-    block_rows = max(8192 // block_cols, 1)
+    block_rows = min(max(8192 // block_cols, 1), triton.next_power_of_2(n_rows))
     elements = block_rows * block_cols
-    return block_rows, block_cols, 8 if elements <= 8192 else 16
+    return block_rows, block_cols, 4 if elements <= 2048 else 8 if elements <= 8192 else 16
 
 
 def _backward_config(n_cols: int) -> tuple[int, int, int]:
@@ -201,7 +202,7 @@ def _rms_norm_forward(
     else:
         residual_rows = _rows_view(residual)
         new_residual = torch.empty_like(y)
-    block_rows, block_cols, num_warps = _forward_config(n_cols)
+    block_rows, block_cols, num_warps = _forward_config(n_rows, n_cols)
     torch.library.wrap_triton(_rms_norm_fwd_kernel)[(triton.cdiv(n_rows, block_rows),)](
         x_rows,
         residual_rows,
