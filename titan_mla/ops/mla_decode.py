@@ -637,9 +637,9 @@ class DecodeConfig:
 # `python benchmarks/bench_mla_decode.py --tune` prints a replacement for this table. Checked by
 # compiling for sm_90 within shared memory and without register spills
 # (tests/test_ops_mla_decode.py). bf16 at 16 rows: a sweep of tiles x split counts on H100 with the
-# table reads one tile ahead (kernel time, L2 flushed; benchmarks/NOTES.md): 32-token tiles, 4 warps,
-# 3 stages are best or within 2% of it for one sequence of 128 to 1M tokens and for batch 32 at 512
-# tokens; batch 128 x 4096 takes them with fewer splits (whole waves of programs at 2 per SM).
+# page ids read one tile ahead (kernel time, L2 flushed; benchmarks/NOTES.md): 32-token tiles, 4
+# warps, 3 stages are best or within 2% of the best for one sequence of 128 to 1M tokens and for
+# batch 32 at 512 tokens; batch 128 x 4096 takes them with fewer splits (whole waves of programs).
 # 64 rows (128 heads): 4 stages, the most that fit shared memory with that read-ahead. fp8: the
 # --tune run at 16ed0bd (register prefetch, except at 64 rows, where that would spill).
 TUNED_CONFIGS: dict[tuple[str, int, bool], DecodeConfig] = {
