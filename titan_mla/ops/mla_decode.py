@@ -562,6 +562,18 @@ def _mla_decode_split_kernel(
 
 
 @triton.jit
+def _chunk_lse(
+    partial_lse_ptr, row, chunk_begin, NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr
+):
+    """The split indices of a chunk and their lse (-inf past NUM_SPLITS)."""
+    splits = chunk_begin + tl.arange(0, BLOCK_SPLITS)
+    lse = tl.load(
+        partial_lse_ptr + row * NUM_SPLITS + splits, mask=splits < NUM_SPLITS, other=-float("inf")
+    )
+    return splits, lse
+
+
+@triton.jit
 def _mla_decode_combine_kernel(
     partial_out_ptr,
     partial_lse_ptr,
@@ -579,24 +591,14 @@ def _mla_decode_combine_kernel(
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     max_lse = tl.full((), -float("inf"), tl.float32)
     for chunk_begin in range(0, NUM_SPLITS, BLOCK_SPLITS):
-        splits = chunk_begin + tl.arange(0, BLOCK_SPLITS)
-        lse = tl.load(
-            partial_lse_ptr + row * NUM_SPLITS + splits,
-            mask=splits < NUM_SPLITS,
-            other=-float("inf"),
-        )
+        splits, lse = _chunk_lse(partial_lse_ptr, row, chunk_begin, NUM_SPLITS, BLOCK_SPLITS)
         max_lse = tl.maximum(max_lse, tl.max(lse, axis=0))
     # Empty splits have lse -inf: a finite reference keeps their weight 0 (and no inf - inf).
     reference = tl.where(max_lse == -float("inf"), 0.0, max_lse)
     weight_sum = tl.zeros((), tl.float32)
     acc = tl.zeros((BLOCK_D,), tl.float32)
     for chunk_begin in range(0, NUM_SPLITS, BLOCK_SPLITS):
-        splits = chunk_begin + tl.arange(0, BLOCK_SPLITS)
-        lse = tl.load(
-            partial_lse_ptr + row * NUM_SPLITS + splits,
-            mask=splits < NUM_SPLITS,
-            other=-float("inf"),
-        )
+        splits, lse = _chunk_lse(partial_lse_ptr, row, chunk_begin, NUM_SPLITS, BLOCK_SPLITS)
         # Empty splits wrote zeros: not worth reading.
         partial = tl.load(
             partial_out_ptr + (row * NUM_SPLITS + splits)[:, None] * LATENT_DIM + cols[None, :],
