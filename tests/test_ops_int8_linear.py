@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from titan_mla.ops.int8_linear import (
     MAX_ROWS,
+    _int8_gemv_kernel,
     int8_weight_only_linear,
     int8_weight_only_linear_reference,
     split_count,
@@ -40,7 +41,7 @@ def nan_padded_inputs(rows, n_out, n_in, device, dtype, generator):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "rows, n_out, n_in",
-    [(1, 32, 300), (5, 200, 520), (33, 100, 64), (MAX_ROWS, 70, 600)],
+    [(1, 40, 1100), (5, 200, 520), (33, 100, 64), (MAX_ROWS, 70, 600)],
 )
 def test_matches_float64(device, dtype, rows, n_out, n_in):
     generator = torch.Generator().manual_seed(rows * n_out + n_in)
@@ -52,8 +53,12 @@ def test_matches_float64(device, dtype, rows, n_out, n_in):
 
 
 def test_the_cases_cover_every_path():
-    """One row takes the matrix-vector kernel; with the interpreter's 2 stand-in SMs, the
-    64-row case splits its 600 inputs in 2 (the partial sums kernel runs), the others do not."""
+    """One row takes the matrix-vector kernel, under the interpreter with 16 rows x 1024 inputs
+    per step (40 rows leave 8 masked, 1100 inputs take two steps); with the interpreter's 2
+    stand-in SMs, the 64-row case splits its 600 inputs in 2 (the partial sums kernel runs), the
+    others do not."""
+    [gemv_config] = _int8_gemv_kernel.configs
+    assert gemv_config.kwargs == {"BLOCK_N": 16, "BLOCK_K": 1024}
     cpu = torch.device("cpu")
     assert split_count(70, 600, cpu) == (2, 512)
     assert split_count(200, 520, cpu) == (1, 768)
