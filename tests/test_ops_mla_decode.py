@@ -194,8 +194,9 @@ def test_matches_float64_attention(dtype, q_len):
 @pytest.mark.parametrize(
     ("config", "page_size", "heads", "q_len"),
     [
-        # the pipeliner's loop, one table entry per tile
+        # the pipeliner's loop, one table entry per tile, then tiles spanning two pages
         (DecodeConfig(16, 16, 4, 2, prefetch=False), 16, 4, 1),
+        (DecodeConfig(16, 32, 4, 2, prefetch=False), 16, 4, 1),
         # register prefetch, tiles spanning two pages (one table entry per token)
         (DecodeConfig(16, 32, 4, 1, prefetch=True), 16, 4, 2),
         # two head groups: 20 heads x 4 queries = 80 rows
