@@ -10,9 +10,9 @@ partial products in a fixed order (deterministic) and applies the scales.
 
 One row takes a matrix-vector kernel instead: at one row a tensor-core tile is mostly padding, so
 the products are summed on the CUDA cores, with the row block, the inputs per step and the warps
-autotuned per weight shape (int8 dynamic's batch-1 decode uses it; int8 weight-only sends one row
-to torchao's matmul, whose Inductor reductions fused with their neighbours were faster in a
-decode step: see quantization.Int8WeightOnlyLinear).
+autotuned per weight shape (int8 dynamic's batch-1 decode uses it for every linear; int8
+weight-only for the narrow weights only, and sends the wide ones to torchao's matmul, whose
+Inductor reduction reads them faster: see quantization.Int8WeightOnlyLinear).
 
 Why our own kernel: for torchao's int8 matmul at 32 rows, Inductor calls ATen's fp32-loop
 ``_weight_int8pack_mm`` on the GPU (0.8 ms for 2048 x 8192 on H100, 100x the bf16 matmul).
