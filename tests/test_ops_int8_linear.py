@@ -14,15 +14,22 @@ from helpers import DEVICES, relative_error, requires_cuda
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from titan_mla.models.model import SwiGLU
 from titan_mla.ops.int8_linear import (
     MAX_ROWS,
     _int8_gemv_kernel,
     int8_weight_only_linear,
     int8_weight_only_linear_reference,
+    int8_weight_only_swiglu,
+    int8_weight_only_swiglu_reference,
     split_count,
 )
 from titan_mla.quantization import quantize_model, schemes
-from titan_mla.quantization.schemes import Int8DynamicLinear, Int8WeightOnlyLinear
+from titan_mla.quantization.schemes import (
+    Int8DynamicLinear,
+    Int8WeightOnlyLinear,
+    Int8WeightOnlySwiGLU,
+)
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
@@ -52,13 +59,31 @@ def test_matches_float64(device, dtype, rows, n_out, n_in):
     assert relative_error(ours, expected) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, n_out, n_in", [(1, 40, 1100), (5, 200, 520)])
+def test_swiglu_matches_float64(device, dtype, rows, n_out, n_in):
+    """silu(x gate^T) * (x up^T): one row through the matrix-vector kernel's fused pass over
+    both weights, 5 rows through the tensor-core kernel per weight."""
+    generator = torch.Generator().manual_seed(rows * n_out + n_in)
+    x, gate_qdata, gate_scale = nan_padded_inputs(rows, n_out, n_in, device, dtype, generator)
+    _, up_qdata, up_scale = nan_padded_inputs(rows, n_out, n_in, device, dtype, generator)
+    weights = (gate_qdata, gate_scale, up_qdata, up_scale)
+    ours = int8_weight_only_swiglu(x, *weights)
+    expected = int8_weight_only_swiglu_reference(x.double(), *weights)
+    assert ours.shape == (rows, n_out) and ours.dtype == dtype and not ours.isnan().any()
+    assert relative_error(ours, expected) < TOLERANCE[dtype]
+    # The fused pass is not the plain product of either weight.
+    assert relative_error(ours, int8_weight_only_linear(x, up_qdata, up_scale)) > 0.1
+
+
 def test_the_cases_cover_every_path():
     """One row takes the matrix-vector kernel, under the interpreter with 16 rows x 1024 inputs
     per step (40 rows leave 8 masked, 1100 inputs take two steps); with the interpreter's 2
     stand-in SMs, the 64-row case splits its 600 inputs in 2 (the partial sums kernel runs), the
     others do not."""
     [gemv_config] = _int8_gemv_kernel.configs
-    assert gemv_config.kwargs == {"BLOCK_N": 16, "BLOCK_K": 1024}
+    assert gemv_config.kwargs == {"BLOCK_N": 16, "BLOCK_K": 1024, "STAGES": 1}
     cpu = torch.device("cpu")
     assert split_count(70, 600, cpu) == (2, 512)
     assert split_count(200, 520, cpu) == (1, 768)
@@ -84,6 +109,12 @@ def test_leading_dimensions_and_errors():
         error(x[:, :39], qdata, scale),
         """int8_weight_only_linear: x (..., 39), int8 weight (out, in) = (16, 40) torch.int8 and 16 scales do not fit""",
     )
+    with pytest.raises(ValueError) as raised:
+        int8_weight_only_swiglu(x, qdata, scale, qdata[:8], scale[:8])
+    assert_expected_inline(
+        str(raised.value),
+        """int8_weight_only_swiglu: x (..., 40), int8 weight (out, in) = (8, 40) torch.int8 and 8 scales do not fit (every weight must be 16 x 40)""",
+    )
 
 
 class CountOpCalls(TorchDispatchMode):
@@ -106,16 +137,21 @@ def opcheck_samples(device: str) -> list[tuple]:
     ]
 
 
+def opcheck_all(device: str) -> None:
+    for x, qdata, scale in opcheck_samples(device):
+        torch.library.opcheck(int8_weight_only_linear, (x, qdata, scale))
+        up = (qdata.flip(0), scale.flip(0))
+        torch.library.opcheck(int8_weight_only_swiglu, (x, qdata, scale, *up))
+
+
 @pytest.mark.usefixtures("cpu_reference_branch")
 def test_opcheck_cpu_reference_branch():
-    for args in opcheck_samples("cpu"):
-        torch.library.opcheck(int8_weight_only_linear, args)
+    opcheck_all("cpu")
 
 
 @requires_cuda
 def test_opcheck_cuda_triton_branch():
-    for args in opcheck_samples("cuda"):
-        torch.library.opcheck(int8_weight_only_linear, args)
+    opcheck_all("cuda")
 
 
 def test_quantized_linears_take_the_kernel_for_decode_rows_and_torchao_otherwise(monkeypatch):
@@ -143,6 +179,27 @@ def test_quantized_linears_take_the_kernel_for_decode_rows_and_torchao_otherwise
             assert relative_error(ours, reference(x)) < 1e-5
 
 
+def test_quantized_swiglu_runs_w1_and_w3_as_one_op_for_decode_rows():
+    torch.manual_seed(0)
+    ours, theirs = SwiGLU(48, 40), SwiGLU(48, 40)
+    theirs.load_state_dict(ours.state_dict())
+    model, reference = nn.Sequential(ours), nn.Sequential(theirs)
+    quantize_model(model, "int8_weight_only", skip=())
+    quantize_model(reference, "int8_weight_only", skip=(), torchao_matmuls_only=True)
+    assert type(model[0]) is Int8WeightOnlySwiGLU and type(reference[0]) is SwiGLU
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    assert model[0].w1 is ours.w1 and type(ours.w1) is Int8WeightOnlyLinear
+
+    swiglu_op = torch.ops.titan_mla.int8_weight_only_swiglu.default
+    for rows in (1, MAX_ROWS, MAX_ROWS + 1):
+        x = torch.randn(rows, 48)
+        with torch.no_grad(), CountOpCalls(swiglu_op) as calls:
+            actual = model(x)
+        assert calls.count == (rows <= MAX_ROWS), rows
+        with torch.no_grad():
+            assert relative_error(actual, reference(x)) < 1e-5
+
+
 @requires_cuda
 @pytest.mark.parametrize("rows", [1, 32])
 def test_cuda_1b_shapes(rows):
@@ -153,6 +210,13 @@ def test_cuda_1b_shapes(rows):
         ours = int8_weight_only_linear(x, qdata, scale)
         expected = int8_weight_only_linear_reference(x.double(), qdata, scale)
         assert relative_error(ours, expected) < 1e-2, (n_out, n_in)
+    _, up_qdata, up_scale = nan_padded_inputs(rows, 8192, 2048, "cuda", torch.bfloat16, generator)
+    x, gate_qdata, gate_scale = nan_padded_inputs(
+        rows, 8192, 2048, "cuda", torch.bfloat16, generator
+    )
+    weights = (gate_qdata, gate_scale, up_qdata, up_scale)
+    expected = int8_weight_only_swiglu_reference(x.double(), *weights)
+    assert relative_error(int8_weight_only_swiglu(x, *weights), expected) < 1e-2
 
 
 def test_compiled_int8_linear_has_no_graph_break_and_matches_eager():

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.nn import functional as F
 
 from .dispatch import KERNELS_INTERPRETED, runs_triton
 
@@ -39,58 +40,88 @@ _GEMV_K_MULTIPLE = 2048
 
 
 def _gemv_configs() -> list[triton.Config]:
-    """(output rows per program, inputs per step, warps) for one row: whole 2048-input rows per
-    step put a program's loads in flight at once (the 1B model's inputs are 2048 or 8192 wide),
-    small row blocks give the narrow weights enough programs. The interpreter takes the first
-    alone (the autotuner times only when there is a choice): the largest block, since the
-    interpreter's cost is per program and per loop step (CPU tests decode through it)."""
+    """(output rows per program, inputs per step, warps, pipeline stages) for one row: small row
+    blocks give the narrow weights enough programs, and stages keep several steps of weight tiles
+    in flight per program (asynchronous copies: the loop has no dot, so the pipeliner takes its
+    loads only when asked through ``tl.range``). The interpreter takes the first alone (the
+    autotuner times only when there is a choice): the largest block, since the interpreter's cost
+    is per program and per loop step (CPU tests decode through it)."""
     configs = [
-        triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps)
-        for block_n, block_k, warps in (
-            (16, 1024, 8),
-            (4, 1024, 4),
-            (1, 2048, 4),
-            (2, 2048, 4),
-            (4, 2048, 4),
-            (4, 2048, 8),
-            (8, 2048, 8),
-            (8, 1024, 4),
-            (8, 512, 4),
-            (16, 512, 4),
-        )
+        triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "STAGES": stages}, num_warps=warps)
+        for block_n, block_k, warps, stages in GEMV_CANDIDATES
     ]
     return configs[:1] if KERNELS_INTERPRETED else configs
 
 
-@triton.autotune(configs=_gemv_configs(), key=["n_out", "n_in"])
+# (BLOCK_N, BLOCK_K, warps, stages) the one-row kernel's autotuner chooses from.
+GEMV_CANDIDATES = (
+    (16, 1024, 8, 1),
+    (4, 1024, 4, 1),
+    (1, 2048, 4, 1),
+    (2, 2048, 4, 1),
+    (4, 2048, 4, 1),
+    (4, 2048, 8, 1),
+    (8, 2048, 8, 1),
+    (8, 1024, 4, 1),
+    (8, 512, 4, 1),
+    (16, 512, 4, 1),
+    (4, 512, 4, 4),
+    (8, 512, 4, 4),
+    (16, 512, 4, 3),
+    (16, 512, 8, 4),
+    (16, 256, 4, 4),
+    (32, 256, 4, 4),
+    (32, 256, 8, 4),
+    (64, 128, 4, 4),
+    (8, 1024, 4, 3),
+    (16, 1024, 8, 3),
+)
+
+
+@triton.autotune(configs=_gemv_configs(), key=["n_out", "n_in", "GATED"])
 @triton.jit
 def _int8_gemv_kernel(
     x_ptr,
     q_ptr,
     scale_ptr,
+    gate_q_ptr,
+    gate_scale_ptr,
     out_ptr,
     n_out,
     n_in,
+    x_row_stride,
     K_END: tl.constexpr,
+    GATED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
-    """One row of x against BLOCK_N weight rows: fp32 products accumulated per lane (no
-    reduction, hence no barrier, inside the loop), one reduction at the end, the scales applied
-    to the sums."""
+    """Row program_id(1) of x against BLOCK_N weight rows: fp32 products accumulated per lane
+    (no reduction, hence no barrier, inside the loop), one reduction at the end, the scales
+    applied to the sums. GATED: silu(x @ gate^T) * (x @ q^T), the SwiGLU's hidden activation, from
+    one pass over both weights."""
+    row = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_out
-    weight_rows = q_ptr + cols[:, None].to(tl.int64) * n_in
+    weight_offsets = cols[:, None].to(tl.int64) * n_in
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k in range(0, K_END, BLOCK_K):
+    gate_acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k in tl.range(0, K_END, BLOCK_K, num_stages=STAGES):
         ks = k + tl.arange(0, BLOCK_K)
         k_mask = ks < n_in
-        x = tl.load(x_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
-        q = tl.load(weight_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0)
+        mask = col_mask[:, None] & k_mask[None, :]
+        x = tl.load(x_ptr + row * x_row_stride + ks, mask=k_mask, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + weight_offsets + ks[None, :], mask=mask, other=0)
         acc += q.to(tl.float32) * x[None, :]
-    scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    y = tl.sum(acc, axis=1) * scale
-    tl.store(out_ptr + cols, y.to(out_ptr.dtype.element_ty), mask=col_mask)
+        if GATED:
+            gate_q = tl.load(gate_q_ptr + weight_offsets + ks[None, :], mask=mask, other=0)
+            gate_acc += gate_q.to(tl.float32) * x[None, :]
+    y = tl.sum(acc, axis=1) * tl.load(scale_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if GATED:
+        gate_scale = tl.load(gate_scale_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        gate = tl.sum(gate_acc, axis=1) * gate_scale
+        y = gate * tl.sigmoid(gate) * y
+    tl.store(out_ptr + row * n_out + cols, y.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
 @triton.jit
@@ -188,56 +219,90 @@ def split_count(n_out: int, n_in: int, device: torch.device) -> tuple[int, int]:
     return triton.cdiv(n_in, per_split), per_split
 
 
-def _check(x: Tensor, qdata: Tensor, scale: Tensor) -> tuple[int, int, int]:
-    n_out, n_in = qdata.shape
+def _check(op: str, x: Tensor, *weights: tuple[Tensor, Tensor]) -> tuple[int, int, int]:
+    """(rows, out, in) of x (..., in) times each (qdata (out, in) int8, scale) of ``weights``."""
+    n_out, n_in = weights[0][0].shape
     n_rows = x.numel() // max(x.shape[-1], 1)
-    if x.shape[-1] != n_in or qdata.dtype != torch.int8 or scale.numel() != n_out:
-        raise ValueError(
-            f"int8_weight_only_linear: x (..., {x.shape[-1]}), int8 weight (out, in) = "
-            f"{tuple(qdata.shape)} {qdata.dtype} and {scale.numel()} scales do not fit"
-        )
+    for qdata, scale in weights:
+        if (
+            x.shape[-1] != n_in
+            or qdata.shape != (n_out, n_in)
+            or qdata.dtype != torch.int8
+            or scale.numel() != n_out
+        ):
+            raise ValueError(
+                f"{op}: x (..., {x.shape[-1]}), int8 weight (out, in) = "
+                f"{tuple(qdata.shape)} {qdata.dtype} and {scale.numel()} scales do not fit"
+                + ("" if len(weights) == 1 else f" (every weight must be {n_out} x {n_in})")
+            )
     if n_rows > MAX_ROWS:
-        raise ValueError(f"int8_weight_only_linear takes at most {MAX_ROWS} rows, not {n_rows}")
+        raise ValueError(f"{op} takes at most {MAX_ROWS} rows, not {n_rows}")
     return n_rows, n_out, n_in
+
+
+def _dequantized_product(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
+    """x @ dequantized weight^T in float32 (or x's wider dtype)."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    weight = qdata.to(compute) * scale.reshape(-1, 1).to(compute)
+    return x.to(compute) @ weight.t()
 
 
 def int8_weight_only_linear_reference(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
     """The PyTorch reference (and CPU path): dequantized weight, fp32 (or x's wider) accumulation."""
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    weight = qdata.to(compute) * scale.reshape(-1, 1).to(compute)
-    return (x.to(compute) @ weight.t()).to(x.dtype)
+    return _dequantized_product(x, qdata, scale).to(x.dtype)
 
 
-@torch.library.triton_op("titan_mla::int8_weight_only_linear", mutates_args=())
-def int8_weight_only_linear(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
-    """x (..., in) @ dequantized(qdata (out, in) int8, scale (out,) or (out, 1))^T -> (..., out)
-    in x's dtype, for at most MAX_ROWS rows of x."""
-    n_rows, n_out, n_in = _check(x, qdata, scale)
-    if not runs_triton(x):
-        return int8_weight_only_linear_reference(x, qdata, scale)
+def int8_weight_only_swiglu_reference(
+    x: Tensor, gate_qdata: Tensor, gate_scale: Tensor, up_qdata: Tensor, up_scale: Tensor
+) -> Tensor:
+    """silu(x @ gate^T) * (x @ up^T) of the dequantized weights, rounded once to x's dtype."""
+    gate = _dequantized_product(x, gate_qdata, gate_scale)
+    return (F.silu(gate) * _dequantized_product(x, up_qdata, up_scale)).to(x.dtype)
+
+
+def _rows(x: Tensor, n_rows: int, n_in: int) -> Tensor:
     x_rows = x.reshape(n_rows, n_in)
-    if x_rows.stride(-1) != 1:
-        x_rows = x_rows.contiguous()
-    qdata = qdata.contiguous()
-    out = x.new_empty(n_rows, n_out)
-    scale = scale.reshape(-1)
-    if n_rows == 1:
-        torch.library.wrap_triton(_int8_gemv_kernel)[
-            lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]),)
-        ](
-            x_rows,
-            qdata,
-            scale,
-            out,
-            n_out,
-            n_in,
-            triton.cdiv(n_in, _GEMV_K_MULTIPLE) * _GEMV_K_MULTIPLE,
-        )
-        return out.reshape(*x.shape[:-1], n_out)
-    splits, per_split = split_count(n_out, n_in, x.device)
+    return x_rows if x_rows.stride(-1) == 1 else x_rows.contiguous()
+
+
+def _gemv(
+    x_rows: Tensor, weight: tuple[Tensor, Tensor], gate: tuple[Tensor, Tensor] | None
+) -> Tensor:
+    """The matrix-vector kernel, one program row per row of x_rows: x @ weight^T, or with
+    ``gate`` silu(x @ gate^T) * (x @ weight^T)."""
+    (qdata, scale), (gate_qdata, gate_scale) = weight, gate or weight
+    n_rows, n_in = x_rows.shape
+    n_out = qdata.shape[0]
+    out = x_rows.new_empty(n_rows, n_out)
+    torch.library.wrap_triton(_int8_gemv_kernel)[
+        lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]), n_rows)
+    ](
+        x_rows,
+        qdata.contiguous(),
+        scale.reshape(-1),
+        gate_qdata.contiguous(),
+        gate_scale.reshape(-1),
+        out,
+        n_out,
+        n_in,
+        x_rows.stride(0),
+        triton.cdiv(n_in, _GEMV_K_MULTIPLE) * _GEMV_K_MULTIPLE,
+        gate is not None,
+    )
+    return out
+
+
+def _tiled_linear(x_rows: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
+    """The tensor-core kernel (input dimension split when the output tiles are too few) and,
+    when split, the deterministic sum of the splits."""
+    n_rows, n_in = x_rows.shape
+    n_out = qdata.shape[0]
+    qdata, scale = qdata.contiguous(), scale.reshape(-1)
+    out = x_rows.new_empty(n_rows, n_out)
+    splits, per_split = split_count(n_out, n_in, x_rows.device)
     block_m = max(16, triton.next_power_of_2(n_rows))
     # Only read when splits > 1; a 0-element placeholder otherwise.
-    partial = x.new_empty(splits * n_rows * n_out if splits > 1 else 0, dtype=torch.float32)
+    partial = x_rows.new_empty(splits * n_rows * n_out if splits > 1 else 0, dtype=torch.float32)
     tiles = triton.cdiv(n_out, _BLOCK_N)
     torch.library.wrap_triton(_int8_linear_kernel)[(tiles, splits)](
         x_rows,
@@ -251,7 +316,7 @@ def int8_weight_only_linear(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
         x_rows.stride(0),
         K_PER_SPLIT=per_split,
         SPLITS=splits,
-        FP32_DOTS=x.dtype == torch.float32 or KERNELS_INTERPRETED,
+        FP32_DOTS=x_rows.dtype == torch.float32 or KERNELS_INTERPRETED,
         BLOCK_M=block_m,
         BLOCK_N=_BLOCK_N,
         BLOCK_K=_BLOCK_K,
@@ -270,4 +335,39 @@ def int8_weight_only_linear(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
             BLOCK_N=_BLOCK_N,
             num_warps=4,
         )
+    return out
+
+
+@torch.library.triton_op("titan_mla::int8_weight_only_linear", mutates_args=())
+def int8_weight_only_linear(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
+    """x (..., in) @ dequantized(qdata (out, in) int8, scale (out,) or (out, 1))^T -> (..., out)
+    in x's dtype, for at most MAX_ROWS rows of x."""
+    n_rows, n_out, n_in = _check("int8_weight_only_linear", x, (qdata, scale))
+    if not runs_triton(x):
+        return int8_weight_only_linear_reference(x, qdata, scale)
+    x_rows = _rows(x, n_rows, n_in)
+    if n_rows == 1:
+        out = _gemv(x_rows, (qdata, scale), None)
+    else:
+        out = _tiled_linear(x_rows, qdata, scale)
+    return out.reshape(*x.shape[:-1], n_out)
+
+
+@torch.library.triton_op("titan_mla::int8_weight_only_swiglu", mutates_args=())
+def int8_weight_only_swiglu(
+    x: Tensor, gate_qdata: Tensor, gate_scale: Tensor, up_qdata: Tensor, up_scale: Tensor
+) -> Tensor:
+    """silu(x @ gate^T) * (x @ up^T) -> (..., hidden) in x's dtype, a SwiGLU's hidden activation
+    from int8 gate (w1) and up (w3) weights of the same shape, for at most MAX_ROWS rows of x.
+    One row reads both weights in one matrix-vector launch with the product as its epilogue (the
+    gate and up outputs never go to memory); more rows take the tensor-core kernel per weight."""
+    gate, up = (gate_qdata, gate_scale), (up_qdata, up_scale)
+    n_rows, n_out, n_in = _check("int8_weight_only_swiglu", x, gate, up)
+    if not runs_triton(x):
+        return int8_weight_only_swiglu_reference(x, *gate, *up)
+    x_rows = _rows(x, n_rows, n_in)
+    if n_rows == 1:
+        out = _gemv(x_rows, up, gate)
+    else:
+        out = F.silu(_tiled_linear(x_rows, *gate)) * _tiled_linear(x_rows, *up)
     return out.reshape(*x.shape[:-1], n_out)

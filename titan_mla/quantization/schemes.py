@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from titan_mla.ops.int8_linear import MAX_ROWS, int8_weight_only_linear
+from titan_mla.models.model import SwiGLU
+from titan_mla.ops.int8_linear import MAX_ROWS, int8_weight_only_linear, int8_weight_only_swiglu
 
 FP8_CACHE_SUFFIX = "+fp8cache"
 DEFAULT_SKIP = ("wkv_b",)
@@ -62,6 +63,8 @@ class Scheme:
     # The linear that runs the quantized weights, when ours replaces torchao's matmul for some
     # inputs (decode); None: torchao's tensor subclass does all of it.
     linear_class: type[QuantizedLinear] | None = None
+    # The SwiGLU that runs its quantized w1 and w3 together for some inputs; None: each alone.
+    swiglu_class: type[QuantizedSwiGLU] | None = None
 
 
 class QuantizedLinear(nn.Linear):
@@ -97,6 +100,34 @@ class Int8WeightOnlyLinear(QuantizedLinear):
             return super().forward(x)
         out = int8_weight_only_linear(x, self.weight.qdata, self.weight.scale)
         return out if self.bias is None else out + self.bias
+
+
+class QuantizedSwiGLU(SwiGLU):
+    """A SwiGLU holding the same (quantized) w1, w2 and w3 modules as the one it replaces, so
+    parameter names and weight bytes are unchanged, that runs some inputs through a fused kernel."""
+
+    @classmethod
+    def from_swiglu(cls, swiglu: SwiGLU) -> QuantizedSwiGLU:
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.w1, module.w2, module.w3 = swiglu.w1, swiglu.w2, swiglu.w3
+        return module
+
+
+class Int8WeightOnlySwiGLU(QuantizedSwiGLU):
+    """A SwiGLU whose w1 and w3 torchao quantized with ``Int8WeightOnlyConfig``: up to MAX_ROWS
+    rows (decode) take ``titan_mla::int8_weight_only_swiglu``, at one row a single pass over both
+    int8 weights with silu(w1 x) * (w3 x) as its epilogue; more rows (prefill) take torchao's
+    matmuls as the plain SwiGLU does. (One row used to go to torchao's matmul, which Inductor fuses
+    into one reduction over both weights, read at 1.4 to 2.4 TB/s from one compilation to the next:
+    its launch configuration is searched by timing, benchmarks/NOTES.md.)"""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.numel() // x.shape[-1] > MAX_ROWS:
+            return super().forward(x)
+        gate, up = self.w1.weight, self.w3.weight
+        hidden = int8_weight_only_swiglu(x, gate.qdata, gate.scale, up.qdata, up.scale)
+        return self.w2(hidden)
 
 
 class Int8DynamicLinear(QuantizedLinear):
@@ -137,6 +168,7 @@ SCHEMES: dict[str, Scheme] = {
             "int8 per-channel weights, matmul in bf16 (batched decode: titan_mla's int8 kernel)",
             _int8_weight_only,
             linear_class=Int8WeightOnlyLinear,
+            swiglu_class=Int8WeightOnlySwiGLU,
         ),
         Scheme(
             "int8_dynamic",
@@ -228,9 +260,9 @@ def quantize_model(
 ) -> list[str]:
     """Quantize the nn.Linear weights of ``model`` in place with ``scheme``, except modules whose
     last name is in ``skip``; returns the names of the quantized modules. Quantize after loading
-    the weights and before building an MLAEngine (which copies the absorbed wkv_b). The quantized
-    linears become the scheme's ``linear_class`` (our decode kernel), unless
-    ``torchao_matmuls_only``."""
+    the weights and before building an MLAEngine (which copies the absorbed wkv_b). Unless
+    ``torchao_matmuls_only``, the quantized linears become the scheme's ``linear_class`` and
+    SwiGLUs whose w1 and w3 were both quantized its ``swiglu_class`` (our decode kernels)."""
     scheme = SCHEMES[scheme] if isinstance(scheme, str) else scheme
     if scheme.config is None:
         return []
@@ -243,12 +275,21 @@ def quantize_model(
     ]
     selected = set(chosen)
     quantize_(model, scheme.config(), filter_fn=lambda module, fqn: fqn in selected)
-    if scheme.linear_class is not None and not torchao_matmuls_only:
+    if torchao_matmuls_only:
+        return chosen
+    if scheme.linear_class is not None:
         for name in chosen:
-            parent, _, child = name.rpartition(".")
-            linear = model.get_submodule(name)
-            setattr(model.get_submodule(parent), child, scheme.linear_class.from_linear(linear))
+            _replace(model, name, scheme.linear_class.from_linear(model.get_submodule(name)))
+    if scheme.swiglu_class is not None:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, SwiGLU) and {f"{name}.w1", f"{name}.w3"} <= selected:
+                _replace(model, name, scheme.swiglu_class.from_swiglu(module))
     return chosen
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
 
 
 def is_quantized(weight: torch.Tensor) -> bool:
