@@ -2,14 +2,15 @@
 (titan_mla::int8_weight_only_linear) vs torchao's int8 weight-only matmul compiled by Inductor vs
 the bf16 matmul (cuBLAS, and compiled by Inductor as a decode step compiles it).
 
-Shapes: every quantized nn.Linear of one block of the flavor plus the output head (wkv_b stays
-bf16 in the quantized model), at 1 row (batch-1 decode) and 32 rows; the SwiGLU's w1 and w3 as one
-case, silu(x w1^T) * (x w3^T), as a decode step runs them (titan_mla::int8_weight_only_swiglu;
-Inductor fuses the pair into one reduction). Each variant runs over enough
-copies of its weight (different random values) that they do not fit in L2, as consecutive layers
+Cases: the quantized linears of one block of the flavor (wkv_b stays bf16 in the quantized model)
+as a decode step runs them, plus the output head, at 1 row (batch-1 decode) and 32 rows: the
+attention's wq and wkv_a of the same input together (titan_mla::int8_weight_only_concat_linear),
+the SwiGLU's w1 and w3 as silu(x w1^T) * (x w3^T) (titan_mla::int8_weight_only_swiglu; Inductor
+fuses either pair into one kernel), the rest alone. Each variant runs over enough
+copies of its weights (different random values) that they do not fit in L2, as consecutive layers
 of a decode step do not, captured in one CUDA graph; time per call = replay / copies; GB/s = that
 variant's weight bytes (int8 data + scales, or bf16) / time. Every variant is checked against the
-float32 product of the dequantized weight before it is timed. Writes int8_linear-<gpu>.json (+ .md).
+float32 product of the dequantized weights before it is timed. Writes int8_linear-<gpu>.json (+ .md).
 
     COMMIT=$(git rev-parse HEAD) python benchmarks/bench_int8_linear.py --out benchmarks/results
 """
@@ -18,10 +19,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,6 +34,8 @@ from benchmarks.common import graph_time_ms, relative_error, write_result
 from titan_mla.models import mla_flavors
 from titan_mla.models.model import MLATransformer
 from titan_mla.ops.int8_linear import (
+    int8_weight_only_concat_linear,
+    int8_weight_only_concat_linear_reference,
     int8_weight_only_linear,
     int8_weight_only_linear_reference,
     int8_weight_only_swiglu,
@@ -45,12 +48,23 @@ ROWS = (1, 32)
 L2_FLUSH_BYTES = 256 * 2**20  # bf16 bytes of the copies per variant: well past H100's 50 MB L2
 MAX_COPIES = 64
 TOLERANCE = 1e-2  # bf16 outputs vs the float32 product of the same dequantized weights
-SWIGLU = "feed_forward.w1+w3"  # the case of the SwiGLU's gate and up projections together
 
 
-def decode_linears(flavor: str) -> dict[str, tuple[int, int]]:
-    """(out, in) of the quantized linears of block 0 and of the output head, by module name, with
-    w1 and w3 as the one SWIGLU case."""
+@dataclass(frozen=True)
+class Case:
+    """Linears of one input: their (out, in) shapes and how their outputs combine."""
+
+    name: str
+    shapes: tuple[tuple[int, int], ...]
+    combine: str = "one"  # "one" linear, "concat" outputs, or "swiglu" (gate, up)
+
+    def label(self, rows: int) -> str:
+        outs = "+".join(str(n_out) for n_out, _ in self.shapes)
+        return f"{self.name}_{outs}x{self.shapes[0][1]}_rows{rows}"
+
+
+def decode_cases(flavor: str) -> list[Case]:
+    """The quantized linears of block 0 and the output head, paired as a decode step runs them."""
     with torch.device("meta"):
         model = MLATransformer(mla_flavors[flavor])
     shapes = {
@@ -60,31 +74,57 @@ def decode_linears(flavor: str) -> dict[str, tuple[int, int]]:
         and (name.startswith("layers.0.") or name == "output")
         and name.rsplit(".", 1)[-1] not in DEFAULT_SKIP
     }
-    shapes[SWIGLU] = shapes.pop("feed_forward.w1")
-    del shapes["feed_forward.w3"]
-    return shapes
+    pairs = {"attention.wq+wkv_a": "concat", "feed_forward.w1+w3": "swiglu"}
+    cases = []
+    for name, combine in pairs.items():
+        module, linears = name.split(".")
+        members = [f"{module}.{linear}" for linear in linears.split("+")]
+        cases.append(Case(name, tuple(shapes.pop(member) for member in members), combine))
+    return cases + [Case(name, (shape,)) for name, shape in shapes.items()]
 
 
-def swiglu_hidden(linear: Callable, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
-    return F.silu(linear(x, gate)) * linear(x, up)
+def combined(linear: Callable, combine: str) -> Callable[..., torch.Tensor]:
+    """The case's computation from one linear function (x, weight) -> x @ weight^T."""
+
+    def one(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return linear(x, weight)
+
+    def concat(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        return torch.cat([linear(x, first), linear(x, second)], dim=-1)
+
+    def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.silu(linear(x, gate)) * linear(x, up)
+
+    return {"one": one, "concat": concat, "swiglu": swiglu}[combine]
 
 
-def int8_titan_mla(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return int8_weight_only_linear(x, weight.qdata, weight.scale)
+def int8_titan_mla(combine: str) -> Callable[..., torch.Tensor]:
+    op = {
+        "one": int8_weight_only_linear,
+        "concat": int8_weight_only_concat_linear,
+        "swiglu": int8_weight_only_swiglu,
+    }[combine]
+    return lambda x, *weights: op(x, *(t for w in weights for t in (w.qdata, w.scale)))
 
 
-def int8_titan_mla_swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return int8_weight_only_swiglu(x, gate.qdata, gate.scale, up.qdata, up.scale)
+def int8_reference(combine: str) -> Callable[..., torch.Tensor]:
+    return {
+        "one": int8_weight_only_linear_reference,
+        "concat": int8_weight_only_concat_linear_reference,
+        "swiglu": int8_weight_only_swiglu_reference,
+    }[combine]
 
 
-def bench_linear(name: str, n_out: int, n_in: int, rows: int) -> list[dict]:
-    """One case; the SWIGLU case holds (gate, up) pairs of weights."""
-    per_call = 2 if name == SWIGLU else 1
-    copies = max(1, min(MAX_COPIES, math.ceil(L2_FLUSH_BYTES / (2 * per_call * n_out * n_in))))
-    torch.manual_seed(n_out * n_in + rows)
+def bench_case(case: Case, rows: int) -> list[dict]:
+    per_call = len(case.shapes)
+    call_bytes = sum(2 * n_out * n_in for n_out, n_in in case.shapes)
+    copies = max(1, min(MAX_COPIES, math.ceil(L2_FLUSH_BYTES / call_bytes)))
+    torch.manual_seed(call_bytes + rows)
+    n_in = case.shapes[0][1]
     bf16 = nn.ModuleList(
         nn.Linear(n_in, n_out, bias=False, device="cuda", dtype=torch.bfloat16)
-        for _ in range(copies * per_call)
+        for _ in range(copies)
+        for n_out, _ in case.shapes
     )
     # torchao's int8 weights, read by its matmul and by our op alike.
     int8 = copy.deepcopy(bf16)
@@ -98,41 +138,31 @@ def bench_linear(name: str, n_out: int, n_in: int, rows: int) -> list[dict]:
         return lambda: [op(x, *call) for call in calls]
 
     torch._dynamo.reset()
-    if per_call == 1:
-        ours, baseline = int8_titan_mla, F.linear
-    else:
-        ours, baseline = int8_titan_mla_swiglu, functools.partial(swiglu_hidden, F.linear)
+    baseline = combined(F.linear, case.combine)
     compiled = torch.compile(baseline, dynamic=False)
     variants = {
         "bf16_cublas": (over_copies(baseline, bf16), bf16),
         "bf16_inductor": (over_copies(compiled, bf16), bf16),
         "int8_torchao_inductor": (over_copies(compiled, int8), int8),
-        "int8_titan_mla": (over_copies(ours, int8), int8),
+        "int8_titan_mla": (over_copies(int8_titan_mla(case.combine), int8), int8),
     }
-    int8_weights = [(m.weight.qdata, m.weight.scale) for m in int8[:per_call]]
-    bf16_weights = [m.weight.float() for m in bf16[:per_call]]
-    if per_call == 1:
-        int8_expected = int8_weight_only_linear_reference(x.float(), *int8_weights[0])
-        bf16_expected = x.float() @ bf16_weights[0].t()
-    else:
-        int8_expected = int8_weight_only_swiglu_reference(
-            x.float(), *int8_weights[0], *int8_weights[1]
-        )
-        bf16_expected = swiglu_hidden(F.linear, x.float(), *bf16_weights)
-    case = f"{name}_{n_out}x{n_in}_rows{rows}"
+    int8_weights = [t for m in int8[:per_call] for t in (m.weight.qdata, m.weight.scale)]
+    int8_expected = int8_reference(case.combine)(x.float(), *int8_weights)
+    bf16_expected = baseline(x.float(), *(m.weight.float() for m in bf16[:per_call]))
+    label = case.label(rows)
     results = []
     for impl, (fn, linears) in variants.items():
         with torch.no_grad():
             expected = int8_expected if impl.startswith("int8") else bf16_expected
             error = relative_error(fn()[0], expected)
-            assert error <= TOLERANCE, (case, impl, error)
+            assert error <= TOLERANCE, (label, impl, error)
             ms = graph_time_ms(fn) / copies
         gbps = weight_bytes(linears[:per_call].parameters()) / ms / 1e6
         results += [
-            {"case": case, "impl": impl, "metric": "us", "value": ms * 1e3},
-            {"case": case, "impl": impl, "metric": "GB/s", "value": gbps},
+            {"case": label, "impl": impl, "metric": "us", "value": ms * 1e3},
+            {"case": label, "impl": impl, "metric": "GB/s", "value": gbps},
         ]
-        print(f"{case:34s} {impl:22s} {ms * 1e3:8.2f} us {gbps:7.0f} GB/s", flush=True)
+        print(f"{label:40s} {impl:22s} {ms * 1e3:8.2f} us {gbps:7.0f} GB/s", flush=True)
     return results
 
 
@@ -146,32 +176,26 @@ def main() -> None:
     # As compile_decode_step does: without Inductor's CPU passes, which on CUDA would turn the
     # 32-row int8 matmul into ATen's fp32-loop _weight_int8pack_mm.
     torch.backends.mkldnn.enabled = False
-    shapes = decode_linears(args.flavor)
-    rows = [
-        row
-        for batch in ROWS
-        for name, (n_out, n_in) in shapes.items()
-        for row in bench_linear(name, n_out, n_in, batch)
-    ]
+    cases = decode_cases(args.flavor)
+    rows = [row for batch in ROWS for case in cases for row in bench_case(case, batch)]
 
-    def total_us(impl: str, batch: int, names: list[str]) -> float:
-        """Summed time of the named linears (one decode layer: every name but the head)."""
+    def total_us(impl: str, batch: int, layer: list[Case]) -> float:
+        """Summed time of the cases of one decode layer."""
+        labels = {case.label(batch) for case in layer}
         return sum(
             row["value"]
             for row in rows
-            for name in names
-            if row["case"] == f"{name}_{shapes[name][0]}x{shapes[name][1]}_rows{batch}"
-            and (row["impl"], row["metric"]) == (impl, "us")
+            if row["case"] in labels and (row["impl"], row["metric"]) == (impl, "us")
         )
 
-    layer = [name for name in shapes if name != "output"]
+    layer = [case for case in cases if case.name != "output"]
     summary = {}
     for batch in ROWS:
         ours = total_us("int8_titan_mla", batch, layer)
         for baseline in ("bf16_inductor", "bf16_cublas", "int8_torchao_inductor"):
             key = f"layer_rows{batch}_int8_speedup_vs_{baseline}"
             summary[key] = total_us(baseline, batch, layer) / ours
-    summary["layer_linears"] = ", ".join(f"{n} {o}x{i}" for n, (o, i) in shapes.items())
+    summary["layer_linears"] = ", ".join(case.label(1).removesuffix("_rows1") for case in layer)
     command = "COMMIT=$(git rev-parse HEAD) python benchmarks/bench_int8_linear.py " + " ".join(
         sys.argv[1:]
     )

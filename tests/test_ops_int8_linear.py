@@ -14,10 +14,13 @@ from helpers import DEVICES, relative_error, requires_cuda
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from titan_mla.models.model import SwiGLU
+from titan_mla.models import mla_flavors
+from titan_mla.models.model import MultiHeadLatentAttention, SwiGLU
 from titan_mla.ops.int8_linear import (
     MAX_ROWS,
     _int8_gemv_kernel,
+    int8_weight_only_concat_linear,
+    int8_weight_only_concat_linear_reference,
     int8_weight_only_linear,
     int8_weight_only_linear_reference,
     int8_weight_only_swiglu,
@@ -28,6 +31,7 @@ from titan_mla.quantization import quantize_model, schemes
 from titan_mla.quantization.schemes import (
     Int8DynamicLinear,
     Int8WeightOnlyLinear,
+    Int8WeightOnlyMLA,
     Int8WeightOnlySwiGLU,
 )
 
@@ -77,6 +81,24 @@ def test_swiglu_matches_float64(device, dtype, rows, n_out, n_in):
     assert relative_error(ours, int8_weight_only_linear(x, up_qdata, up_scale)) > 0.1
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_concat_linear_matches_float64(device, dtype, rows):
+    """x @ [first; second]^T: at one row the matrix-vector kernel reads the second weight's rows
+    for outputs 40.. (under the interpreter a 16-row block spans both weights), 3 rows take the
+    tensor-core kernel per weight."""
+    generator = torch.Generator().manual_seed(rows)
+    x, first_qdata, first_scale = nan_padded_inputs(rows, 40, 300, device, dtype, generator)
+    _, second_qdata, second_scale = nan_padded_inputs(rows, 30, 300, device, dtype, generator)
+    weights = (first_qdata, first_scale, second_qdata, second_scale)
+    ours = int8_weight_only_concat_linear(x, *weights)
+    expected = int8_weight_only_concat_linear_reference(x.double(), *weights)
+    assert ours.shape == (rows, 70) and ours.dtype == dtype and not ours.isnan().any()
+    assert relative_error(ours[:, :40], expected[:, :40]) < TOLERANCE[dtype]
+    assert relative_error(ours[:, 40:], expected[:, 40:]) < TOLERANCE[dtype]
+
+
 def test_the_cases_cover_every_path():
     """One row takes the matrix-vector kernel, under the interpreter with 16 rows x 1024 inputs
     per step (40 rows leave 8 masked, 1100 inputs take two steps); with the interpreter's 2
@@ -113,7 +135,13 @@ def test_leading_dimensions_and_errors():
         int8_weight_only_swiglu(x, qdata, scale, qdata[:8], scale[:8])
     assert_expected_inline(
         str(raised.value),
-        """int8_weight_only_swiglu: x (..., 40), int8 weight (out, in) = (8, 40) torch.int8 and 8 scales do not fit (every weight must be 16 x 40)""",
+        """int8_weight_only_swiglu: gate and up weights of different shapes, (16, 40) and (8, 40)""",
+    )
+    with pytest.raises(ValueError) as raised:
+        int8_weight_only_concat_linear(x, qdata, scale, qdata[:, :8], scale)
+    assert_expected_inline(
+        str(raised.value),
+        """int8_weight_only_concat_linear: x (..., 40), int8 weight (out, in) = (16, 8) torch.int8 and 16 scales do not fit""",
     )
 
 
@@ -142,6 +170,8 @@ def opcheck_all(device: str) -> None:
         torch.library.opcheck(int8_weight_only_linear, (x, qdata, scale))
         up = (qdata.flip(0), scale.flip(0))
         torch.library.opcheck(int8_weight_only_swiglu, (x, qdata, scale, *up))
+        second = (qdata[:7], scale[:7])
+        torch.library.opcheck(int8_weight_only_concat_linear, (x, qdata, scale, *second))
 
 
 @pytest.mark.usefixtures("cpu_reference_branch")
@@ -186,9 +216,10 @@ def test_quantized_swiglu_runs_w1_and_w3_as_one_op_for_decode_rows():
     model, reference = nn.Sequential(ours), nn.Sequential(theirs)
     quantize_model(model, "int8_weight_only", skip=())
     quantize_model(reference, "int8_weight_only", skip=(), torchao_matmuls_only=True)
-    assert type(model[0]) is Int8WeightOnlySwiGLU and type(reference[0]) is SwiGLU
+    # The same module, its class changed.
+    assert model[0] is ours and type(ours) is Int8WeightOnlySwiGLU and type(theirs) is SwiGLU
+    assert type(ours.w1) is Int8WeightOnlyLinear
     assert model.state_dict().keys() == reference.state_dict().keys()
-    assert model[0].w1 is ours.w1 and type(ours.w1) is Int8WeightOnlyLinear
 
     swiglu_op = torch.ops.titan_mla.int8_weight_only_swiglu.default
     for rows in (1, MAX_ROWS, MAX_ROWS + 1):
@@ -198,6 +229,29 @@ def test_quantized_swiglu_runs_w1_and_w3_as_one_op_for_decode_rows():
         assert calls.count == (rows <= MAX_ROWS), rows
         with torch.no_grad():
             assert relative_error(actual, reference(x)) < 1e-5
+
+
+def test_quantized_attention_runs_wq_and_wkv_a_as_one_op_for_one_row():
+    torch.manual_seed(0)
+    args = mla_flavors["debugmodel"]
+    ours, theirs = MultiHeadLatentAttention(args), MultiHeadLatentAttention(args)
+    theirs.load_state_dict(ours.state_dict())
+    model, reference = nn.Sequential(ours), nn.Sequential(theirs)
+    quantize_model(model, "int8_weight_only")
+    quantize_model(reference, "int8_weight_only", torchao_matmuls_only=True)
+    assert type(ours) is Int8WeightOnlyMLA and type(theirs) is MultiHeadLatentAttention
+    assert model.state_dict().keys() == reference.state_dict().keys()
+
+    concat_op = torch.ops.titan_mla.int8_weight_only_concat_linear.default
+    for rows in (1, 2):
+        x = torch.randn(1, rows, args.dim)
+        with torch.no_grad(), CountOpCalls(concat_op) as calls:
+            actual = ours.input_projections(x)
+        assert calls.count == (rows == 1), rows
+        with torch.no_grad():
+            expected = theirs.input_projections(x)
+        for a, e in zip(actual, expected, strict=True):
+            assert a.shape == e.shape and relative_error(a, e) < 1e-5
 
 
 @requires_cuda
@@ -217,6 +271,16 @@ def test_cuda_1b_shapes(rows):
     weights = (gate_qdata, gate_scale, up_qdata, up_scale)
     expected = int8_weight_only_swiglu_reference(x.double(), *weights)
     assert relative_error(int8_weight_only_swiglu(x, *weights), expected) < 1e-2
+    # The attention's query and latent projections as one.
+    _, latent_qdata, latent_scale = nan_padded_inputs(
+        rows, 576, 2048, "cuda", torch.bfloat16, generator
+    )
+    x, query_qdata, query_scale = nan_padded_inputs(
+        rows, 3072, 2048, "cuda", torch.bfloat16, generator
+    )
+    weights = (query_qdata, query_scale, latent_qdata, latent_scale)
+    expected = int8_weight_only_concat_linear_reference(x.double(), *weights)
+    assert relative_error(int8_weight_only_concat_linear(x, *weights), expected) < 1e-2
 
 
 def test_compiled_int8_linear_has_no_graph_break_and_matches_eager():

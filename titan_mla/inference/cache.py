@@ -17,14 +17,47 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 from titan_mla.models import MLAModelArgs
+from titan_mla.ops import runs_triton
 from titan_mla.ops.mla_decode import dequantize_latent_fp8, quantize_latent_fp8
 
 # Page 0 is never handed out: unused block-table entries point at it, so writes for padding
 # positions (batched prefill, CUDA-graph warm-up) land there instead of in another sequence's page.
 NULL_PAGE = 0
+
+
+@triton.jit
+def _write_latent_cache_kernel(
+    latent_pool_ptr,
+    k_pe_pool_ptr,
+    scale_pool_ptr,
+    slots_ptr,
+    latent_ptr,
+    k_pe_ptr,
+    scale_ptr,
+    latent_row_stride,
+    k_pe_row_stride,
+    LATENT_DIM: tl.constexpr,
+    ROPE_DIM: tl.constexpr,
+    GROUPS: tl.constexpr,
+):
+    """One token's latent, rotary key and scales to its slot: the three rows in one launch."""
+    token = tl.program_id(0)
+    slot = tl.load(slots_ptr + token).to(tl.int64)
+    latent_dims = tl.arange(0, LATENT_DIM)
+    latent = tl.load(latent_ptr + token * latent_row_stride + latent_dims)
+    tl.store(latent_pool_ptr + slot * LATENT_DIM + latent_dims, latent)
+    rope_dims = tl.arange(0, ROPE_DIM)
+    k_pe = tl.load(k_pe_ptr + token * k_pe_row_stride + rope_dims)
+    tl.store(k_pe_pool_ptr + slot * ROPE_DIM + rope_dims, k_pe)
+    if GROUPS > 0:
+        groups = tl.arange(0, GROUPS)
+        scale = tl.load(scale_ptr + token * GROUPS + groups)
+        tl.store(scale_pool_ptr + slot * GROUPS + groups, scale)
 
 
 @torch.library.custom_op(
@@ -46,9 +79,31 @@ def write_latent_cache(
     An op with declared mutations rather than index_copy_ on views of the all-layer pool: under
     torch.compile, functionalizing a write into a view regenerates the whole multi-layer pool
     (a full copy of the cache per layer and step); this op is a single in-place node instead.
+    On GPU one kernel writes all three (one launch per layer and decode step instead of two or
+    three); dimensions that are not powers of two take index_copy_, as the CPU does.
     """
-    if latent_pool.dtype == torch.float8_e4m3fn:  # index_copy_ has no float8 kernels: copy bytes
+    if latent_pool.dtype == torch.float8_e4m3fn:  # no float8 copies in ATen: copy the bytes
         latent_pool, latent = latent_pool.view(torch.uint8), latent.view(torch.uint8)
+    dims = (latent.shape[-1], k_pe.shape[-1], scale.shape[-1])
+    if runs_triton(latent) and all(d & (d - 1) == 0 for d in dims):
+        latent, k_pe = (
+            rows if rows.stride(-1) == 1 else rows.contiguous() for rows in (latent, k_pe)
+        )
+        _write_latent_cache_kernel[(slots.numel(),)](
+            latent_pool,
+            k_pe_pool,
+            scale_pool,
+            slots,
+            latent,
+            k_pe,
+            scale.contiguous(),
+            latent.stride(0),
+            k_pe.stride(0),
+            LATENT_DIM=dims[0],
+            ROPE_DIM=dims[1],
+            GROUPS=dims[2],
+        )
+        return
     latent_pool.flatten(0, 1).index_copy_(0, slots, latent)
     k_pe_pool.flatten(0, 1).index_copy_(0, slots, k_pe)
     scale_pool.flatten(0, 1).index_copy_(0, slots, scale)

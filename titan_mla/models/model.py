@@ -82,12 +82,19 @@ class MultiHeadLatentAttention(nn.Module):
         """Rotated queries (batch, seq, heads, qk_head_dim), and what an inference cache holds per
         token: the normalized latent c_kv (batch, seq, kv_lora_rank) and the rotated shared key
         k_pe (batch, seq, qk_rope_head_dim)."""
-        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q, kv = self.input_projections(x)
+        if self.q_lora_rank > 0:
+            q = self.wq_b(self.q_norm(q))
         # -1 heads: tensor parallel may have sharded the heads.
         q = q.unflatten(-1, (-1, self.qk_head_dim))
-        latent, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        latent, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         q, k_pe = self.rotate(q, k_pe, rope_cache, positions)
         return q, self.kv_norm(latent), k_pe
+
+    def input_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two linears of the block's input: the query's (wq, or wq_a with a query LoRA) and
+        wkv_a. One method, so that a quantized model can run them as one (titan_mla.quantization)."""
+        return (self.wq if self.q_lora_rank == 0 else self.wq_a)(x), self.wkv_a(x)
 
     def forward(
         self, x: torch.Tensor, rope_cache: torch.Tensor, positions: torch.Tensor | None = None

@@ -40,54 +40,55 @@ _GEMV_K_MULTIPLE = 2048
 
 
 def _gemv_configs() -> list[triton.Config]:
-    """(output rows per program, inputs per step, warps, pipeline stages) for one row: small row
-    blocks give the narrow weights enough programs, and stages keep several steps of weight tiles
-    in flight per program (asynchronous copies: the loop has no dot, so the pipeliner takes its
-    loads only when asked through ``tl.range``). The interpreter takes the first alone (the
-    autotuner times only when there is a choice): the largest block, since the interpreter's cost
+    """The one-row kernel's launch configurations: the interpreter takes a single one (the
+    autotuner times only when there is a choice), the largest block, since the interpreter's cost
     is per program and per loop step (CPU tests decode through it)."""
-    configs = [
+    candidates = [_INTERPRETER_GEMV] if KERNELS_INTERPRETED else GEMV_CANDIDATES
+    return [
         triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "STAGES": stages}, num_warps=warps)
-        for block_n, block_k, warps, stages in GEMV_CANDIDATES
+        for block_n, block_k, warps, stages in candidates
     ]
-    return configs[:1] if KERNELS_INTERPRETED else configs
 
 
-# (BLOCK_N, BLOCK_K, warps, stages) the one-row kernel's autotuner chooses from.
+_INTERPRETER_GEMV = (16, 1024, 8, 1)
+# (output rows per program, inputs per step, warps, pipeline stages) for one row, the fastest
+# at some 1B decode shape in a sweep on H100 (benchmarks/NOTES.md): whole 2048-input steps of 1-4
+# rows for many programs in flight, or stages that keep several steps of weight tiles in flight
+# per program (asynchronous copies: the loop has no dot, so the pipeliner takes its loads only when
+# asked through ``tl.range``).
 GEMV_CANDIDATES = (
-    (16, 1024, 8, 1),
-    (4, 1024, 4, 1),
     (1, 2048, 4, 1),
     (2, 2048, 4, 1),
-    (4, 2048, 4, 1),
     (4, 2048, 8, 1),
-    (8, 2048, 8, 1),
-    (8, 1024, 4, 1),
-    (8, 512, 4, 1),
-    (16, 512, 4, 1),
-    (4, 512, 4, 4),
-    (8, 512, 4, 4),
-    (16, 512, 4, 3),
-    (16, 512, 8, 4),
-    (16, 256, 4, 4),
-    (32, 256, 4, 4),
-    (32, 256, 8, 4),
-    (64, 128, 4, 4),
+    (4, 1024, 4, 1),
+    (1, 2048, 4, 2),
+    (2, 2048, 4, 2),
+    (1, 2048, 8, 2),
+    (1, 1024, 4, 4),
+    (2, 1024, 4, 4),
+    (4, 1024, 4, 3),
     (8, 1024, 4, 3),
     (16, 1024, 8, 3),
+    (2, 512, 4, 4),
+    (4, 512, 4, 4),
+    (8, 512, 4, 4),
+    (4, 256, 4, 4),
+    (8, 256, 4, 4),
+    (16, 256, 4, 4),
 )
 
 
-@triton.autotune(configs=_gemv_configs(), key=["n_out", "n_in", "GATED"])
+@triton.autotune(configs=_gemv_configs(), key=["n_out", "n_first", "n_in", "GATED"])
 @triton.jit
 def _int8_gemv_kernel(
     x_ptr,
     q_ptr,
     scale_ptr,
-    gate_q_ptr,
-    gate_scale_ptr,
+    second_q_ptr,
+    second_scale_ptr,
     out_ptr,
     n_out,
+    n_first,
     n_in,
     x_row_stride,
     K_END: tl.constexpr,
@@ -98,12 +99,31 @@ def _int8_gemv_kernel(
 ):
     """Row program_id(1) of x against BLOCK_N weight rows: fp32 products accumulated per lane
     (no reduction, hence no barrier, inside the loop), one reduction at the end, the scales
-    applied to the sums. GATED: silu(x @ gate^T) * (x @ q^T), the SwiGLU's hidden activation, from
-    one pass over both weights."""
+    applied to the sums.
+
+    Two weights with one input, two ways: GATED, silu(x @ second^T) * (x @ q^T) (the SwiGLU's
+    hidden activation, second = gate) from one pass over both; else outputs n_first.. n_out - 1
+    come from the rows of the second weight, as if it were concatenated below the first (one
+    weight alone: n_first = n_out)."""
     row = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_out
-    weight_offsets = cols[:, None].to(tl.int64) * n_in
+    cols_64 = cols.to(tl.int64)
+    if GATED:
+        weight_rows = q_ptr + cols_64 * n_in
+        scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
+        gate_rows = second_q_ptr + cols_64 * n_in
+        gate_scale = tl.load(second_scale_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    else:
+        first = cols < n_first
+        weight_rows = tl.where(
+            first, q_ptr + cols_64 * n_in, second_q_ptr + (cols_64 - n_first) * n_in
+        )
+        scale = tl.where(
+            first,
+            tl.load(scale_ptr + cols, mask=col_mask & first, other=0.0),
+            tl.load(second_scale_ptr + cols - n_first, mask=col_mask & ~first, other=0.0),
+        )
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     gate_acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k in tl.range(0, K_END, BLOCK_K, num_stages=STAGES):
@@ -111,14 +131,13 @@ def _int8_gemv_kernel(
         k_mask = ks < n_in
         mask = col_mask[:, None] & k_mask[None, :]
         x = tl.load(x_ptr + row * x_row_stride + ks, mask=k_mask, other=0.0).to(tl.float32)
-        q = tl.load(q_ptr + weight_offsets + ks[None, :], mask=mask, other=0)
+        q = tl.load(weight_rows[:, None] + ks[None, :], mask=mask, other=0)
         acc += q.to(tl.float32) * x[None, :]
         if GATED:
-            gate_q = tl.load(gate_q_ptr + weight_offsets + ks[None, :], mask=mask, other=0)
+            gate_q = tl.load(gate_rows[:, None] + ks[None, :], mask=mask, other=0)
             gate_acc += gate_q.to(tl.float32) * x[None, :]
-    y = tl.sum(acc, axis=1) * tl.load(scale_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    y = tl.sum(acc, axis=1) * scale.to(tl.float32)
     if GATED:
-        gate_scale = tl.load(gate_scale_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         gate = tl.sum(gate_acc, axis=1) * gate_scale
         y = gate * tl.sigmoid(gate) * y
     tl.store(out_ptr + row * n_out + cols, y.to(out_ptr.dtype.element_ty), mask=col_mask)
@@ -219,25 +238,25 @@ def split_count(n_out: int, n_in: int, device: torch.device) -> tuple[int, int]:
     return triton.cdiv(n_in, per_split), per_split
 
 
-def _check(op: str, x: Tensor, *weights: tuple[Tensor, Tensor]) -> tuple[int, int, int]:
-    """(rows, out, in) of x (..., in) times each (qdata (out, in) int8, scale) of ``weights``."""
-    n_out, n_in = weights[0][0].shape
-    n_rows = x.numel() // max(x.shape[-1], 1)
+def _check(op: str, x: Tensor, *weights: tuple[Tensor, Tensor]) -> tuple[int, int]:
+    """(rows, in) of x (..., in), which every (qdata (out, in) int8, scale (out,)) of ``weights``
+    multiplies."""
+    n_in = x.shape[-1]
+    n_rows = x.numel() // max(n_in, 1)
     for qdata, scale in weights:
         if (
-            x.shape[-1] != n_in
-            or qdata.shape != (n_out, n_in)
+            qdata.ndim != 2
+            or qdata.shape[1] != n_in
             or qdata.dtype != torch.int8
-            or scale.numel() != n_out
+            or scale.numel() != qdata.shape[0]
         ):
             raise ValueError(
-                f"{op}: x (..., {x.shape[-1]}), int8 weight (out, in) = "
+                f"{op}: x (..., {n_in}), int8 weight (out, in) = "
                 f"{tuple(qdata.shape)} {qdata.dtype} and {scale.numel()} scales do not fit"
-                + ("" if len(weights) == 1 else f" (every weight must be {n_out} x {n_in})")
             )
     if n_rows > MAX_ROWS:
         raise ValueError(f"{op} takes at most {MAX_ROWS} rows, not {n_rows}")
-    return n_rows, n_out, n_in
+    return n_rows, n_in
 
 
 def _dequantized_product(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
@@ -260,19 +279,28 @@ def int8_weight_only_swiglu_reference(
     return (F.silu(gate) * _dequantized_product(x, up_qdata, up_scale)).to(x.dtype)
 
 
+def int8_weight_only_concat_linear_reference(
+    x: Tensor, first_qdata: Tensor, first_scale: Tensor, second_qdata: Tensor, second_scale: Tensor
+) -> Tensor:
+    """x @ [first; second]^T of the dequantized weights."""
+    first = int8_weight_only_linear_reference(x, first_qdata, first_scale)
+    return torch.cat([first, int8_weight_only_linear_reference(x, second_qdata, second_scale)], -1)
+
+
 def _rows(x: Tensor, n_rows: int, n_in: int) -> Tensor:
     x_rows = x.reshape(n_rows, n_in)
     return x_rows if x_rows.stride(-1) == 1 else x_rows.contiguous()
 
 
 def _gemv(
-    x_rows: Tensor, weight: tuple[Tensor, Tensor], gate: tuple[Tensor, Tensor] | None
+    x_rows: Tensor, first: tuple[Tensor, Tensor], second: tuple[Tensor, Tensor] | None, gated: bool
 ) -> Tensor:
-    """The matrix-vector kernel, one program row per row of x_rows: x @ weight^T, or with
-    ``gate`` silu(x @ gate^T) * (x @ weight^T)."""
-    (qdata, scale), (gate_qdata, gate_scale) = weight, gate or weight
+    """The matrix-vector kernel, one program row per row of x_rows: x @ first^T; with ``second``,
+    silu(x @ second^T) * (x @ first^T) when ``gated``, else x @ [first; second]^T."""
+    (qdata, scale), (second_qdata, second_scale) = first, second or first
     n_rows, n_in = x_rows.shape
-    n_out = qdata.shape[0]
+    n_first = qdata.shape[0]
+    n_out = n_first + (second_qdata.shape[0] if second is not None and not gated else 0)
     out = x_rows.new_empty(n_rows, n_out)
     torch.library.wrap_triton(_int8_gemv_kernel)[
         lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]), n_rows)
@@ -280,14 +308,15 @@ def _gemv(
         x_rows,
         qdata.contiguous(),
         scale.reshape(-1),
-        gate_qdata.contiguous(),
-        gate_scale.reshape(-1),
+        second_qdata.contiguous(),
+        second_scale.reshape(-1),
         out,
         n_out,
+        n_first,
         n_in,
         x_rows.stride(0),
         triton.cdiv(n_in, _GEMV_K_MULTIPLE) * _GEMV_K_MULTIPLE,
-        gate is not None,
+        gated,
     )
     return out
 
@@ -342,15 +371,35 @@ def _tiled_linear(x_rows: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
 def int8_weight_only_linear(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
     """x (..., in) @ dequantized(qdata (out, in) int8, scale (out,) or (out, 1))^T -> (..., out)
     in x's dtype, for at most MAX_ROWS rows of x."""
-    n_rows, n_out, n_in = _check("int8_weight_only_linear", x, (qdata, scale))
+    n_rows, n_in = _check("int8_weight_only_linear", x, (qdata, scale))
     if not runs_triton(x):
         return int8_weight_only_linear_reference(x, qdata, scale)
     x_rows = _rows(x, n_rows, n_in)
     if n_rows == 1:
-        out = _gemv(x_rows, (qdata, scale), None)
+        out = _gemv(x_rows, (qdata, scale), None, gated=False)
     else:
         out = _tiled_linear(x_rows, qdata, scale)
-    return out.reshape(*x.shape[:-1], n_out)
+    return out.reshape(*x.shape[:-1], -1)
+
+
+@torch.library.triton_op("titan_mla::int8_weight_only_concat_linear", mutates_args=())
+def int8_weight_only_concat_linear(
+    x: Tensor, first_qdata: Tensor, first_scale: Tensor, second_qdata: Tensor, second_scale: Tensor
+) -> Tensor:
+    """x (..., in) @ [first; second]^T -> (..., first out + second out): two int8 linears of one
+    input as one (the attention's query and latent projections), for at most MAX_ROWS rows of x.
+    One row reads both weights in one matrix-vector launch; more rows take the tensor-core kernel
+    per weight."""
+    first, second = (first_qdata, first_scale), (second_qdata, second_scale)
+    n_rows, n_in = _check("int8_weight_only_concat_linear", x, first, second)
+    if not runs_triton(x):
+        return int8_weight_only_concat_linear_reference(x, *first, *second)
+    x_rows = _rows(x, n_rows, n_in)
+    if n_rows == 1:
+        out = _gemv(x_rows, first, second, gated=False)
+    else:
+        out = torch.cat([_tiled_linear(x_rows, *first), _tiled_linear(x_rows, *second)], -1)
+    return out.reshape(*x.shape[:-1], -1)
 
 
 @torch.library.triton_op("titan_mla::int8_weight_only_swiglu", mutates_args=())
@@ -362,12 +411,17 @@ def int8_weight_only_swiglu(
     One row reads both weights in one matrix-vector launch with the product as its epilogue (the
     gate and up outputs never go to memory); more rows take the tensor-core kernel per weight."""
     gate, up = (gate_qdata, gate_scale), (up_qdata, up_scale)
-    n_rows, n_out, n_in = _check("int8_weight_only_swiglu", x, gate, up)
+    n_rows, n_in = _check("int8_weight_only_swiglu", x, gate, up)
+    if gate_qdata.shape != up_qdata.shape:
+        raise ValueError(
+            f"int8_weight_only_swiglu: gate and up weights of different shapes, "
+            f"{tuple(gate_qdata.shape)} and {tuple(up_qdata.shape)}"
+        )
     if not runs_triton(x):
         return int8_weight_only_swiglu_reference(x, *gate, *up)
     x_rows = _rows(x, n_rows, n_in)
     if n_rows == 1:
-        out = _gemv(x_rows, up, gate)
+        out = _gemv(x_rows, up, gate, gated=True)
     else:
         out = F.silu(_tiled_linear(x_rows, *gate)) * _tiled_linear(x_rows, *up)
-    return out.reshape(*x.shape[:-1], n_out)
+    return out.reshape(*x.shape[:-1], -1)

@@ -9,8 +9,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from titan_mla.models.model import SwiGLU
-from titan_mla.ops.int8_linear import MAX_ROWS, int8_weight_only_linear, int8_weight_only_swiglu
+from titan_mla.models.model import MultiHeadLatentAttention, SwiGLU
+from titan_mla.ops.int8_linear import (
+    MAX_ROWS,
+    int8_weight_only_concat_linear,
+    int8_weight_only_linear,
+    int8_weight_only_swiglu,
+)
 
 FP8_CACHE_SUFFIX = "+fp8cache"
 DEFAULT_SKIP = ("wkv_b",)
@@ -63,8 +68,9 @@ class Scheme:
     # The linear that runs the quantized weights, when ours replaces torchao's matmul for some
     # inputs (decode); None: torchao's tensor subclass does all of it.
     linear_class: type[QuantizedLinear] | None = None
-    # The SwiGLU that runs its quantized w1 and w3 together for some inputs; None: each alone.
-    swiglu_class: type[QuantizedSwiGLU] | None = None
+    # Subclasses of model modules that run some of their quantized linears together (one kernel
+    # for decode), put in place of their base class where those linears were all quantized.
+    fused_classes: tuple[type[FusedQuantizedModule], ...] = ()
 
 
 class QuantizedLinear(nn.Linear):
@@ -102,19 +108,15 @@ class Int8WeightOnlyLinear(QuantizedLinear):
         return out if self.bias is None else out + self.bias
 
 
-class QuantizedSwiGLU(SwiGLU):
-    """A SwiGLU holding the same (quantized) w1, w2 and w3 modules as the one it replaces, so
-    parameter names and weight bytes are unchanged, that runs some inputs through a fused kernel."""
+class FusedQuantizedModule:
+    """A mixin for a subclass of a model module (its other base) that runs its ``fused_linears``,
+    once quantized, together for some inputs. quantize_model turns a module of that base class
+    into the subclass by changing its class: same submodules, parameter names and weights."""
 
-    @classmethod
-    def from_swiglu(cls, swiglu: SwiGLU) -> QuantizedSwiGLU:
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        module.w1, module.w2, module.w3 = swiglu.w1, swiglu.w2, swiglu.w3
-        return module
+    fused_linears: tuple[str, ...] = ()
 
 
-class Int8WeightOnlySwiGLU(QuantizedSwiGLU):
+class Int8WeightOnlySwiGLU(FusedQuantizedModule, SwiGLU):
     """A SwiGLU whose w1 and w3 torchao quantized with ``Int8WeightOnlyConfig``: up to MAX_ROWS
     rows (decode) take ``titan_mla::int8_weight_only_swiglu``, at one row a single pass over both
     int8 weights with silu(w1 x) * (w3 x) as its epilogue; more rows (prefill) take torchao's
@@ -122,12 +124,32 @@ class Int8WeightOnlySwiGLU(QuantizedSwiGLU):
     into one reduction over both weights, read at 1.4 to 2.4 TB/s from one compilation to the next:
     its launch configuration is searched by timing, benchmarks/NOTES.md.)"""
 
+    fused_linears = ("w1", "w3")
+
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() // x.shape[-1] > MAX_ROWS:
             return super().forward(x)
         gate, up = self.w1.weight, self.w3.weight
         hidden = int8_weight_only_swiglu(x, gate.qdata, gate.scale, up.qdata, up.scale)
         return self.w2(hidden)
+
+
+class Int8WeightOnlyMLA(FusedQuantizedModule, MultiHeadLatentAttention):
+    """MLA whose wq and wkv_a torchao quantized with ``Int8WeightOnlyConfig``: for one row (batch-1
+    decode) both read the same input in one launch, ``titan_mla::int8_weight_only_concat_linear``
+    (two small weights: each alone is mostly launch and ramp-up time); other inputs take each
+    linear as usual."""
+
+    fused_linears = ("wq", "wkv_a")
+
+    def input_projections(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if x.numel() // x.shape[-1] != 1:
+            return super().input_projections(x)
+        query, latent = self.wq.weight, self.wkv_a.weight
+        both = int8_weight_only_concat_linear(
+            x, query.qdata, query.scale, latent.qdata, latent.scale
+        )
+        return both.split([self.wq.out_features, self.wkv_a.out_features], dim=-1)
 
 
 class Int8DynamicLinear(QuantizedLinear):
@@ -168,7 +190,7 @@ SCHEMES: dict[str, Scheme] = {
             "int8 per-channel weights, matmul in bf16 (batched decode: titan_mla's int8 kernel)",
             _int8_weight_only,
             linear_class=Int8WeightOnlyLinear,
-            swiglu_class=Int8WeightOnlySwiGLU,
+            fused_classes=(Int8WeightOnlySwiGLU, Int8WeightOnlyMLA),
         ),
         Scheme(
             "int8_dynamic",
@@ -262,7 +284,7 @@ def quantize_model(
     last name is in ``skip``; returns the names of the quantized modules. Quantize after loading
     the weights and before building an MLAEngine (which copies the absorbed wkv_b). Unless
     ``torchao_matmuls_only``, the quantized linears become the scheme's ``linear_class`` and
-    SwiGLUs whose w1 and w3 were both quantized its ``swiglu_class`` (our decode kernels)."""
+    modules whose linears it runs together become its ``fused_classes`` (our decode kernels)."""
     scheme = SCHEMES[scheme] if isinstance(scheme, str) else scheme
     if scheme.config is None:
         return []
@@ -279,17 +301,15 @@ def quantize_model(
         return chosen
     if scheme.linear_class is not None:
         for name in chosen:
-            _replace(model, name, scheme.linear_class.from_linear(model.get_submodule(name)))
-    if scheme.swiglu_class is not None:
-        for name, module in list(model.named_modules()):
-            if isinstance(module, SwiGLU) and {f"{name}.w1", f"{name}.w3"} <= selected:
-                _replace(model, name, scheme.swiglu_class.from_swiglu(module))
+            parent, _, child = name.rpartition(".")
+            linear = model.get_submodule(name)
+            setattr(model.get_submodule(parent), child, scheme.linear_class.from_linear(linear))
+    for name, module in model.named_modules():
+        for fused in scheme.fused_classes:
+            linears = {f"{name}.{linear}" if name else linear for linear in fused.fused_linears}
+            if type(module) in fused.__bases__ and linears <= selected:
+                module.__class__ = fused
     return chosen
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
 
 
 def is_quantized(weight: torch.Tensor) -> bool:
