@@ -9,10 +9,13 @@ rows alone give too few programs to keep the memory busy; a second kernel sums t
 partial products in a fixed order (deterministic) and applies the scales.
 
 One row takes a matrix-vector kernel instead: at one row a tensor-core tile is mostly padding, so
-the products are summed on the CUDA cores, with the row block, the inputs per step and the warps
-autotuned per weight shape (int8 dynamic's batch-1 decode uses it for every linear; int8
-weight-only for the narrow weights only, and sends the wide ones to torchao's matmul, whose
-Inductor reduction reads them faster: see quantization.Int8WeightOnlyLinear).
+the products are summed on the CUDA cores, with the row block, the inputs per step, the warps and
+the pipeline stages autotuned per weight shape. It also reads two weights of one input in one
+launch: the SwiGLU's gate and up projections with silu(gate) * up as its epilogue
+(``int8_weight_only_swiglu``), or two outputs side by side (``int8_weight_only_concat_linear``:
+the attention's wq and wkv_a). Int8 weight-only's batch-1 decode runs every layer linear through it
+and only the output head through torchao's matmul (quantization.Int8WeightOnlyLinear); int8
+dynamic's through it for every linear.
 
 Why our own kernel: for torchao's int8 matmul at 32 rows, Inductor calls ATen's fp32-loop
 ``_weight_int8pack_mm`` on the GPU (0.8 ms for 2048 x 8192 on H100, 100x the bf16 matmul).

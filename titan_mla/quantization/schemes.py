@@ -88,17 +88,17 @@ class Int8WeightOnlyLinear(QuantizedLinear):
     """A linear whose weight torchao quantized with ``Int8WeightOnlyConfig``: inputs of 2 to
     MAX_ROWS rows (batched decode steps), and one row (batch-1 decode) into at most
     ONE_ROW_KERNEL_MAX_OUT outputs, take titan_mla's int8 kernels on the same int8 values and
-    scales (``titan_mla::int8_weight_only_linear``); wider one-row products and more than MAX_ROWS
-    rows (prefill) take torchao's matmul.
+    scales (``titan_mla::int8_weight_only_linear``); wider one-row products (the output head) and
+    more than MAX_ROWS rows (prefill) take torchao's matmul. At one row the SwiGLU's w1 and w3,
+    and the attention's wq and wkv_a, run as pairs (Int8WeightOnlySwiGLU, Int8WeightOnlyMLA).
 
     Measured on H100 (benchmarks/NOTES.md): at 32 rows torchao's matmul compiles to ATen's
     fp32-loop ``_weight_int8pack_mm`` (0.03x bf16), our kernel gives 1.03x. At one row Inductor
-    turns torchao's matmul into a reduction over the inputs, one program per few outputs: on the
-    wide weights (the SwiGLU's w1 and w3, fused into one reduction over their shared input; the
-    output head) it reads int8 at 2.5-2.6 TB/s, on the narrow ones (wkv_a, wo, wq) at 0.3-0.9 TB/s
-    where our matrix-vector kernel is 1.05-1.5x faster, and in the decode step w2's reduction
-    recomputes the SwiGLU product for every output row. Routing the narrow four to our kernel:
-    1.23x bf16 vs 1.155x (same call, H100)."""
+    turns torchao's matmul into a reduction over the inputs, whose launch configuration
+    coordinate-descent tuning picks by timing: it reads the output head at 2.4-2.8 TB/s, as our
+    kernel does, but the SwiGLU pair from 1.4 to 2.4 TB/s from one compilation to the next and
+    the narrow weights at 0.3-1.1 TB/s. Our kernel for every layer linear: batch-1 decode 1.27x
+    bf16 (H100, 9b067c6), against 1.13-1.23x with w1/w3 through torchao."""
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1]
@@ -120,9 +120,7 @@ class Int8WeightOnlySwiGLU(FusedQuantizedModule, SwiGLU):
     """A SwiGLU whose w1 and w3 torchao quantized with ``Int8WeightOnlyConfig``: up to MAX_ROWS
     rows (decode) take ``titan_mla::int8_weight_only_swiglu``, at one row a single pass over both
     int8 weights with silu(w1 x) * (w3 x) as its epilogue; more rows (prefill) take torchao's
-    matmuls as the plain SwiGLU does. (One row used to go to torchao's matmul, which Inductor fuses
-    into one reduction over both weights, read at 1.4 to 2.4 TB/s from one compilation to the next:
-    its launch configuration is searched by timing, benchmarks/NOTES.md.)"""
+    matmuls as the plain SwiGLU does."""
 
     fused_linears = ("w1", "w3")
 
