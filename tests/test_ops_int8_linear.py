@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from titan_mla.models import mla_flavors
 from titan_mla.models.model import MultiHeadLatentAttention, SwiGLU
+from titan_mla.ops import RMSNorm
 from titan_mla.ops.int8_linear import (
     MAX_ROWS,
     _int8_gemv_kernel,
@@ -92,11 +93,30 @@ def test_concat_linear_matches_float64(device, dtype, rows):
     x, first_qdata, first_scale = nan_padded_inputs(rows, 40, 300, device, dtype, generator)
     _, second_qdata, second_scale = nan_padded_inputs(rows, 30, 300, device, dtype, generator)
     weights = (first_qdata, first_scale, second_qdata, second_scale)
-    ours = int8_weight_only_concat_linear(x, *weights)
-    expected = int8_weight_only_concat_linear_reference(x.double(), *weights)
-    assert ours.shape == (rows, 70) and ours.dtype == dtype and not ours.isnan().any()
-    assert relative_error(ours[:, :40], expected[:, :40]) < TOLERANCE[dtype]
-    assert relative_error(ours[:, 40:], expected[:, 40:]) < TOLERANCE[dtype]
+    norm_weight = (torch.rand(300, generator=generator) + 0.5).to(device, dtype)
+    for norm in ((), (norm_weight, 1e-5)):
+        ours = int8_weight_only_concat_linear(x, *weights, *norm)
+        expected = int8_weight_only_concat_linear_reference(x.double(), *weights, *norm)
+        assert ours.shape == (rows, 70) and ours.dtype == dtype and not ours.isnan().any()
+        assert relative_error(ours[:, :40], expected[:, :40]) < TOLERANCE[dtype]
+        assert relative_error(ours[:, 40:], expected[:, 40:]) < TOLERANCE[dtype]
+    # The norm's prologue changed the products: not the plain ones scaled.
+    assert relative_error(ours, int8_weight_only_concat_linear(x, *weights)) > 0.1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_residual_is_added_to_the_product(device, dtype, rows):
+    """x @ q^T + residual, the product rounded to x's dtype first as the model adds its residual:
+    at one row in the matrix-vector kernel's epilogue."""
+    generator = torch.Generator().manual_seed(rows + 7)
+    x, qdata, scale = nan_padded_inputs(rows, 40, 300, device, dtype, generator)
+    residual = torch.randn(rows, 40, generator=generator).to(device, dtype)
+    ours = int8_weight_only_linear(x, qdata, scale, residual)
+    expected = int8_weight_only_linear_reference(x.double(), qdata, scale, residual.double())
+    assert ours.dtype == dtype and relative_error(ours, expected) < TOLERANCE[dtype]
+    assert relative_error(ours, int8_weight_only_linear(x, qdata, scale)) > 0.1
 
 
 def test_the_cases_cover_every_path():
@@ -143,6 +163,16 @@ def test_leading_dimensions_and_errors():
         str(raised.value),
         """int8_weight_only_concat_linear: x (..., 40), int8 weight (out, in) = (16, 8) torch.int8 and 16 scales do not fit""",
     )
+    assert_expected_inline(
+        error(x, qdata, scale, torch.zeros(6, 15)),
+        """int8_weight_only_linear: residual (6, 15) is not the output's shape (6, 16)""",
+    )
+    with pytest.raises(ValueError) as raised:
+        int8_weight_only_concat_linear(x, qdata, scale, qdata, scale, torch.ones(39), 1e-6)
+    assert_expected_inline(
+        str(raised.value),
+        """int8_weight_only_concat_linear: norm weight (39,) for inputs of 40""",
+    )
 
 
 class CountOpCalls(TorchDispatchMode):
@@ -171,7 +201,10 @@ def opcheck_all(device: str) -> None:
         up = (qdata.flip(0), scale.flip(0))
         torch.library.opcheck(int8_weight_only_swiglu, (x, qdata, scale, *up))
         second = (qdata[:7], scale[:7])
-        torch.library.opcheck(int8_weight_only_concat_linear, (x, qdata, scale, *second))
+        norm = (torch.rand(x.shape[-1], device=device) + 0.5, 1e-6)
+        torch.library.opcheck(int8_weight_only_concat_linear, (x, qdata, scale, *second, *norm))
+        residual = torch.randn(x.shape[0], qdata.shape[0], device=device)
+        torch.library.opcheck(int8_weight_only_linear, (x, qdata, scale, residual))
 
 
 @pytest.mark.usefixtures("cpu_reference_branch")
@@ -211,7 +244,7 @@ def test_quantized_linears_take_the_kernel_for_decode_rows_and_torchao_otherwise
 
 def test_quantized_swiglu_runs_w1_and_w3_as_one_op_for_decode_rows():
     torch.manual_seed(0)
-    ours, theirs = SwiGLU(48, 40), SwiGLU(48, 40)
+    ours, theirs = SwiGLU(48, 40), SwiGLU(48, 40)  # w2: 40 -> 48
     theirs.load_state_dict(ours.state_dict())
     model, reference = nn.Sequential(ours), nn.Sequential(theirs)
     quantize_model(model, "int8_weight_only", skip=())
@@ -223,12 +256,12 @@ def test_quantized_swiglu_runs_w1_and_w3_as_one_op_for_decode_rows():
 
     swiglu_op = torch.ops.titan_mla.int8_weight_only_swiglu.default
     for rows in (1, MAX_ROWS, MAX_ROWS + 1):
-        x = torch.randn(rows, 48)
+        x, residual = torch.randn(rows, 48), torch.randn(rows, 48)
         with torch.no_grad(), CountOpCalls(swiglu_op) as calls:
-            actual = model(x)
+            actual = ours(x, residual=residual)
         assert calls.count == (rows <= MAX_ROWS), rows
         with torch.no_grad():
-            assert relative_error(actual, reference(x)) < 1e-5
+            assert relative_error(actual, reference(x) + residual) < 1e-5
 
 
 def test_quantized_attention_runs_wq_and_wkv_a_as_one_op_for_one_row():
@@ -242,14 +275,16 @@ def test_quantized_attention_runs_wq_and_wkv_a_as_one_op_for_one_row():
     assert type(ours) is Int8WeightOnlyMLA and type(theirs) is MultiHeadLatentAttention
     assert model.state_dict().keys() == reference.state_dict().keys()
 
+    norm = RMSNorm(args.dim, eps=1e-5)
+    nn.init.uniform_(norm.weight, 0.5, 1.5)
     concat_op = torch.ops.titan_mla.int8_weight_only_concat_linear.default
-    for rows in (1, 2):
+    for rows, block_norm in ((1, None), (1, norm), (2, norm)):
         x = torch.randn(1, rows, args.dim)
         with torch.no_grad(), CountOpCalls(concat_op) as calls:
-            actual = ours.input_projections(x)
+            actual = ours.input_projections(x, block_norm)
         assert calls.count == (rows == 1), rows
         with torch.no_grad():
-            expected = theirs.input_projections(x)
+            expected = theirs.input_projections(x, block_norm)
         for a, e in zip(actual, expected, strict=True):
             assert a.shape == e.shape and relative_error(a, e) < 1e-5
 

@@ -24,6 +24,7 @@ from torch.nn.attention.bias import causal_lower_right
 from titan_mla.models import MLATransformer
 from titan_mla.models.model import MultiHeadLatentAttention, TransformerBlock
 from titan_mla.models.rope import rope_cos_sin
+from titan_mla.ops import RMSNorm
 from titan_mla.ops.mla_decode import mla_decode
 
 from .cache import NULL_PAGE, CacheFullError, PagedLatentCache, host_to_device
@@ -115,7 +116,7 @@ class MLAEngine:
         for i, layer in enumerate(self.model.layers.values()):
             attention = layer.attention
             q_nope, q_pe, latent, k_pe = self._project(
-                attention, layer.attention_norm(h), positions
+                attention, layer.attention_norm, h, positions
             )
             self.cache.write(i, slots, latent, k_pe)
 
@@ -193,7 +194,7 @@ class MLAEngine:
         """One block of the decode step: everything that differs between layers comes in as
         arguments, so torch.compile of this method builds one graph for all of them."""
         attention = layer.attention
-        q_nope, q_pe, latent, k_pe = self._project(attention, layer.attention_norm(h), positions)
+        q_nope, q_pe, latent, k_pe = self._project(attention, layer.attention_norm, h, positions)
         self.cache.write_pools(pools, slots, latent, k_pe)
 
         w_uk, w_uv = absorbed
@@ -222,20 +223,21 @@ class MLAEngine:
         self.graphs[(batch, q_len)] = DecodeGraph(self, batch, q_len)
 
     def _project(
-        self, attention: MultiHeadLatentAttention, x: Tensor, positions: Tensor
+        self, attention: MultiHeadLatentAttention, norm: RMSNorm, h: Tensor, positions: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """q_nope and rotated q_pe (batch, seq, heads, dim), the normalized latent and rotated k_pe
-        (batch, seq, dim) of x, computed as the training model does (its rotation op included)."""
-        q, latent, k_pe = attention.project(x, self.rope_cache, positions)
+        (batch, seq, dim) of norm(h), computed as the training model does (its rotation op
+        included); the norm goes to the attention, whose input projections may fuse it."""
+        q, latent, k_pe = attention.project(h, self.rope_cache, positions, norm=norm)
         q_nope, q_pe = q.split([attention.qk_nope_head_dim, attention.qk_rope_head_dim], dim=-1)
         return q_nope, q_pe, latent, k_pe
 
     @staticmethod
     def _feed_forward(layer: TransformerBlock, attention_out: Tensor, h: Tensor) -> Tensor:
         """The rest of the block after attention: the residual add fused into the norm, as in
-        training."""
+        training, and the second one handed to the SwiGLU (a quantized one fuses it)."""
         ffn_in, h = layer.ffn_norm(attention_out, residual=h)
-        return h + layer.feed_forward(ffn_in)
+        return layer.feed_forward(ffn_in, residual=h)
 
     def _extend(self, seqs: list[int], num_tokens: list[int]) -> None:
         """Reserve room in every sequence or, when one does not fit, in none."""

@@ -77,12 +77,17 @@ class MultiHeadLatentAttention(nn.Module):
         self.rotate = mla_rope if args.kernels == "triton" else mla_rope_reference
 
     def project(
-        self, x: torch.Tensor, rope_cache: torch.Tensor, positions: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        rope_cache: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        norm: RMSNorm | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotated queries (batch, seq, heads, qk_head_dim), and what an inference cache holds per
         token: the normalized latent c_kv (batch, seq, kv_lora_rank) and the rotated shared key
-        k_pe (batch, seq, qk_rope_head_dim)."""
-        q, kv = self.input_projections(x)
+        k_pe (batch, seq, qk_rope_head_dim). ``norm``: the block's attention norm, applied to x
+        first (the inference engine passes it; see input_projections)."""
+        q, kv = self.input_projections(x, norm)
         if self.q_lora_rank > 0:
             q = self.wq_b(self.q_norm(q))
         # -1 heads: tensor parallel may have sharded the heads.
@@ -91,9 +96,13 @@ class MultiHeadLatentAttention(nn.Module):
         q, k_pe = self.rotate(q, k_pe, rope_cache, positions)
         return q, self.kv_norm(latent), k_pe
 
-    def input_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two linears of the block's input: the query's (wq, or wq_a with a query LoRA) and
-        wkv_a. One method, so that a quantized model can run them as one (titan_mla.quantization)."""
+    def input_projections(
+        self, x: torch.Tensor, norm: RMSNorm | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two linears of the block's (``norm``-alized) input: the query's (wq, or wq_a with a
+        query LoRA) and wkv_a. One method, so that a quantized model can run the three as one
+        kernel (titan_mla.quantization)."""
+        x = x if norm is None else norm(x)
         return (self.wq if self.q_lora_rank == 0 else self.wq_a)(x), self.wkv_a(x)
 
     def forward(
@@ -165,8 +174,11 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The SwiGLU of x, plus ``residual`` when given (the inference engine passes the block's
+        residual, which a quantized SwiGLU adds in its last kernel)."""
+        out = self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return out if residual is None else residual + out
 
     def init_weights(self, out_std: float) -> None:
         trunc_normal_(self.w1.weight, mean=0.0, std=0.02)

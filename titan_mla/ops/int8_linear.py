@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .dispatch import KERNELS_INTERPRETED, runs_triton
+from .rmsnorm import rms_norm_reference
 
 MAX_ROWS = 64  # the kernel's largest row tile; more rows are a GEMM for the usual libraries
 # Programs per SM the split over the input dimension aims for: enough loads in flight.
@@ -81,7 +82,9 @@ GEMV_CANDIDATES = (
 )
 
 
-@triton.autotune(configs=_gemv_configs(), key=["n_out", "n_first", "n_in", "GATED"])
+@triton.autotune(
+    configs=_gemv_configs(), key=["n_out", "n_first", "n_in", "GATED", "NORM", "ADD_RESIDUAL"]
+)
 @triton.jit
 def _int8_gemv_kernel(
     x_ptr,
@@ -89,13 +92,18 @@ def _int8_gemv_kernel(
     scale_ptr,
     second_q_ptr,
     second_scale_ptr,
+    norm_weight_ptr,
+    residual_ptr,
     out_ptr,
     n_out,
     n_first,
     n_in,
     x_row_stride,
+    eps,
     K_END: tl.constexpr,
     GATED: tl.constexpr,
+    NORM: tl.constexpr,
+    ADD_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     STAGES: tl.constexpr,
@@ -107,8 +115,20 @@ def _int8_gemv_kernel(
     Two weights with one input, two ways: GATED, silu(x @ second^T) * (x @ q^T) (the SwiGLU's
     hidden activation, second = gate) from one pass over both; else outputs n_first.. n_out - 1
     come from the rows of the second weight, as if it were concatenated below the first (one
-    weight alone: n_first = n_out)."""
+    weight alone: n_first = n_out). NORM: x is RMS-normalized first (weight norm_weight, as
+    ops.rmsnorm computes it, rounded to x's dtype), so the block's norm needs no launch of its own;
+    ADD_RESIDUAL: the output (rounded to its dtype) plus a residual row, the block's residual add.
+    """
     row = tl.program_id(1)
+    x_row = x_ptr + row * x_row_stride
+    rstd = 1.0
+    if NORM:  # every program reads the whole (L2-resident) input row once more for its norm
+        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k in tl.range(0, K_END, BLOCK_K):
+            ks = k + tl.arange(0, BLOCK_K)
+            x = tl.load(x_row + ks, mask=ks < n_in, other=0.0).to(tl.float32)
+            squares += x * x
+        rstd = tl.rsqrt(tl.sum(squares) / n_in + eps)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_out
     cols_64 = cols.to(tl.int64)
@@ -133,7 +153,11 @@ def _int8_gemv_kernel(
         ks = k + tl.arange(0, BLOCK_K)
         k_mask = ks < n_in
         mask = col_mask[:, None] & k_mask[None, :]
-        x = tl.load(x_ptr + row * x_row_stride + ks, mask=k_mask, other=0.0).to(tl.float32)
+        x = tl.load(x_row + ks, mask=k_mask, other=0.0)
+        if NORM:
+            norm_weight = tl.load(norm_weight_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) * rstd * norm_weight).to(x_ptr.dtype.element_ty)
+        x = x.to(tl.float32)
         q = tl.load(weight_rows[:, None] + ks[None, :], mask=mask, other=0)
         acc += q.to(tl.float32) * x[None, :]
         if GATED:
@@ -143,7 +167,11 @@ def _int8_gemv_kernel(
     if GATED:
         gate = tl.sum(gate_acc, axis=1) * gate_scale
         y = gate * tl.sigmoid(gate) * y
-    tl.store(out_ptr + row * n_out + cols, y.to(out_ptr.dtype.element_ty), mask=col_mask)
+    y = y.to(out_ptr.dtype.element_ty)
+    if ADD_RESIDUAL:
+        residual = tl.load(residual_ptr + row * n_out + cols, mask=col_mask, other=0.0)
+        y = (y.to(tl.float32) + residual.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * n_out + cols, y, mask=col_mask)
 
 
 @triton.jit
@@ -269,9 +297,13 @@ def _dequantized_product(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
     return x.to(compute) @ weight.t()
 
 
-def int8_weight_only_linear_reference(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
-    """The PyTorch reference (and CPU path): dequantized weight, fp32 (or x's wider) accumulation."""
-    return _dequantized_product(x, qdata, scale).to(x.dtype)
+def int8_weight_only_linear_reference(
+    x: Tensor, qdata: Tensor, scale: Tensor, residual: Tensor | None = None
+) -> Tensor:
+    """The PyTorch reference (and CPU path): dequantized weight, fp32 (or x's wider) accumulation;
+    ``residual`` added to the product rounded to x's dtype, as the model adds its residual."""
+    out = _dequantized_product(x, qdata, scale).to(x.dtype)
+    return out if residual is None else (out + residual).to(x.dtype)
 
 
 def int8_weight_only_swiglu_reference(
@@ -283,9 +315,18 @@ def int8_weight_only_swiglu_reference(
 
 
 def int8_weight_only_concat_linear_reference(
-    x: Tensor, first_qdata: Tensor, first_scale: Tensor, second_qdata: Tensor, second_scale: Tensor
+    x: Tensor,
+    first_qdata: Tensor,
+    first_scale: Tensor,
+    second_qdata: Tensor,
+    second_scale: Tensor,
+    norm_weight: Tensor | None = None,
+    eps: float = 0.0,
 ) -> Tensor:
-    """x @ [first; second]^T of the dequantized weights."""
+    """x @ [first; second]^T of the dequantized weights, x first RMS-normalized with
+    ``norm_weight`` (as ops.rmsnorm's reference computes it) when that is given."""
+    if norm_weight is not None:
+        x = rms_norm_reference(x, norm_weight, eps)
     first = int8_weight_only_linear_reference(x, first_qdata, first_scale)
     return torch.cat([first, int8_weight_only_linear_reference(x, second_qdata, second_scale)], -1)
 
@@ -296,15 +337,23 @@ def _rows(x: Tensor, n_rows: int, n_in: int) -> Tensor:
 
 
 def _gemv(
-    x_rows: Tensor, first: tuple[Tensor, Tensor], second: tuple[Tensor, Tensor] | None, gated: bool
+    x_rows: Tensor,
+    first: tuple[Tensor, Tensor],
+    second: tuple[Tensor, Tensor] | None = None,
+    *,
+    gated: bool = False,
+    norm: tuple[Tensor, float] | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """The matrix-vector kernel, one program row per row of x_rows: x @ first^T; with ``second``,
-    silu(x @ second^T) * (x @ first^T) when ``gated``, else x @ [first; second]^T."""
+    silu(x @ second^T) * (x @ first^T) when ``gated``, else x @ [first; second]^T. ``norm``
+    (weight, eps): x RMS-normalized first; ``residual`` (rows, out): added to the output."""
     (qdata, scale), (second_qdata, second_scale) = first, second or first
     n_rows, n_in = x_rows.shape
     n_first = qdata.shape[0]
     n_out = n_first + (second_qdata.shape[0] if second is not None and not gated else 0)
     out = x_rows.new_empty(n_rows, n_out)
+    norm_weight, eps = norm if norm is not None else (scale, 0.0)  # unread placeholders
     torch.library.wrap_triton(_int8_gemv_kernel)[
         lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]), n_rows)
     ](
@@ -313,13 +362,18 @@ def _gemv(
         scale.reshape(-1),
         second_qdata.contiguous(),
         second_scale.reshape(-1),
+        norm_weight,
+        out if residual is None else residual.reshape(n_rows, n_out).contiguous(),
         out,
         n_out,
         n_first,
         n_in,
         x_rows.stride(0),
+        eps,
         triton.cdiv(n_in, _GEMV_K_MULTIPLE) * _GEMV_K_MULTIPLE,
         gated,
+        norm is not None,
+        residual is not None,
     )
     return out
 
@@ -371,36 +425,60 @@ def _tiled_linear(x_rows: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
 
 
 @torch.library.triton_op("titan_mla::int8_weight_only_linear", mutates_args=())
-def int8_weight_only_linear(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
+def int8_weight_only_linear(
+    x: Tensor, qdata: Tensor, scale: Tensor, residual: Tensor | None = None
+) -> Tensor:
     """x (..., in) @ dequantized(qdata (out, in) int8, scale (out,) or (out, 1))^T -> (..., out)
-    in x's dtype, for at most MAX_ROWS rows of x."""
+    in x's dtype, for at most MAX_ROWS rows of x; plus ``residual`` (..., out) when given (for one
+    row in the kernel's epilogue: the block's residual add without a launch of its own)."""
     n_rows, n_in = _check("int8_weight_only_linear", x, (qdata, scale))
+    if residual is not None and residual.shape != (*x.shape[:-1], qdata.shape[0]):
+        raise ValueError(
+            f"int8_weight_only_linear: residual {tuple(residual.shape)} is not the output's "
+            f"shape {(*x.shape[:-1], qdata.shape[0])}"
+        )
     if not runs_triton(x):
-        return int8_weight_only_linear_reference(x, qdata, scale)
+        return int8_weight_only_linear_reference(x, qdata, scale, residual)
     x_rows = _rows(x, n_rows, n_in)
     if n_rows == 1:
-        out = _gemv(x_rows, (qdata, scale), None, gated=False)
+        out = _gemv(x_rows, (qdata, scale), residual=residual)
     else:
         out = _tiled_linear(x_rows, qdata, scale)
+        out = out if residual is None else out + residual.reshape(out.shape)
     return out.reshape(*x.shape[:-1], -1)
 
 
 @torch.library.triton_op("titan_mla::int8_weight_only_concat_linear", mutates_args=())
 def int8_weight_only_concat_linear(
-    x: Tensor, first_qdata: Tensor, first_scale: Tensor, second_qdata: Tensor, second_scale: Tensor
+    x: Tensor,
+    first_qdata: Tensor,
+    first_scale: Tensor,
+    second_qdata: Tensor,
+    second_scale: Tensor,
+    norm_weight: Tensor | None = None,
+    eps: float = 0.0,
 ) -> Tensor:
     """x (..., in) @ [first; second]^T -> (..., first out + second out): two int8 linears of one
-    input as one (the attention's query and latent projections), for at most MAX_ROWS rows of x.
-    One row reads both weights in one matrix-vector launch; more rows take the tensor-core kernel
-    per weight."""
+    input as one (the attention's query and latent projections), for at most MAX_ROWS rows of x;
+    with ``norm_weight`` (in,), of x RMS-normalized first (the block's attention norm, whose
+    output only these two linears read). One row reads both weights in one matrix-vector launch,
+    the norm in its prologue; more rows take the tensor-core kernel per weight."""
     first, second = (first_qdata, first_scale), (second_qdata, second_scale)
     n_rows, n_in = _check("int8_weight_only_concat_linear", x, first, second)
+    if norm_weight is not None and norm_weight.shape != (n_in,):
+        raise ValueError(
+            f"int8_weight_only_concat_linear: norm weight {tuple(norm_weight.shape)} for inputs "
+            f"of {n_in}"
+        )
     if not runs_triton(x):
-        return int8_weight_only_concat_linear_reference(x, *first, *second)
+        return int8_weight_only_concat_linear_reference(x, *first, *second, norm_weight, eps)
     x_rows = _rows(x, n_rows, n_in)
     if n_rows == 1:
-        out = _gemv(x_rows, first, second, gated=False)
+        norm = None if norm_weight is None else (norm_weight, eps)
+        out = _gemv(x_rows, first, second, norm=norm)
     else:
+        if norm_weight is not None:
+            x_rows = rms_norm_reference(x_rows, norm_weight, eps)
         out = torch.cat([_tiled_linear(x_rows, *first), _tiled_linear(x_rows, *second)], -1)
     return out.reshape(*x.shape[:-1], -1)
 

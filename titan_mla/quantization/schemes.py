@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from titan_mla.models.model import MultiHeadLatentAttention, SwiGLU
+from titan_mla.ops import RMSNorm
 from titan_mla.ops.int8_linear import (
     MAX_ROWS,
     int8_weight_only_concat_linear,
@@ -117,35 +118,37 @@ class FusedQuantizedModule:
 
 
 class Int8WeightOnlySwiGLU(FusedQuantizedModule, SwiGLU):
-    """A SwiGLU whose w1 and w3 torchao quantized with ``Int8WeightOnlyConfig``: up to MAX_ROWS
-    rows (decode) take ``titan_mla::int8_weight_only_swiglu``, at one row a single pass over both
-    int8 weights with silu(w1 x) * (w3 x) as its epilogue; more rows (prefill) take torchao's
-    matmuls as the plain SwiGLU does."""
+    """A SwiGLU whose w1, w3 and w2 torchao quantized with ``Int8WeightOnlyConfig``: up to
+    MAX_ROWS rows (decode) take ``titan_mla::int8_weight_only_swiglu``, at one row a single pass
+    over both int8 weights with silu(w1 x) * (w3 x) as its epilogue, then w2 through
+    ``titan_mla::int8_weight_only_linear`` with the residual added in its epilogue; more rows
+    (prefill) take torchao's matmuls as the plain SwiGLU does."""
 
-    fused_linears = ("w1", "w3")
+    fused_linears = ("w1", "w3", "w2")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if x.numel() // x.shape[-1] > MAX_ROWS:
-            return super().forward(x)
-        gate, up = self.w1.weight, self.w3.weight
+            return super().forward(x, residual)
+        gate, up, down = self.w1.weight, self.w3.weight, self.w2.weight
         hidden = int8_weight_only_swiglu(x, gate.qdata, gate.scale, up.qdata, up.scale)
-        return self.w2(hidden)
+        return int8_weight_only_linear(hidden, down.qdata, down.scale, residual)
 
 
 class Int8WeightOnlyMLA(FusedQuantizedModule, MultiHeadLatentAttention):
     """MLA whose wq and wkv_a torchao quantized with ``Int8WeightOnlyConfig``: for one row (batch-1
-    decode) both read the same input in one launch, ``titan_mla::int8_weight_only_concat_linear``
-    (two small weights: each alone is mostly launch and ramp-up time); other inputs take each
-    linear as usual."""
+    decode) both read the same input in one launch, ``titan_mla::int8_weight_only_concat_linear``,
+    with the block's attention norm, when given, in its prologue (two small weights and a norm:
+    each alone is mostly launch and ramp-up time); other inputs take each as usual."""
 
     fused_linears = ("wq", "wkv_a")
 
-    def input_projections(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def input_projections(self, x: Tensor, norm: RMSNorm | None = None) -> tuple[Tensor, Tensor]:
         if x.numel() // x.shape[-1] != 1:
-            return super().input_projections(x)
+            return super().input_projections(x, norm)
         query, latent = self.wq.weight, self.wkv_a.weight
+        norm_args = () if norm is None else (norm.weight, norm.eps)
         both = int8_weight_only_concat_linear(
-            x, query.qdata, query.scale, latent.qdata, latent.scale
+            x, query.qdata, query.scale, latent.qdata, latent.scale, *norm_args
         )
         return both.split([self.wq.out_features, self.wkv_a.out_features], dim=-1)
 
