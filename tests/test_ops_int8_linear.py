@@ -7,6 +7,12 @@ tests marked by the ``cuda`` parameter run the compiled kernel on a GPU.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 from expecttest import assert_expected_inline
@@ -16,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from titan_mla.models import mla_flavors
 from titan_mla.models.model import MultiHeadLatentAttention, SwiGLU
-from titan_mla.ops import RMSNorm
+from titan_mla.ops import RMSNorm, rms_norm_reference
 from titan_mla.ops.int8_linear import (
     MAX_ROWS,
     _int8_gemv_kernel,
@@ -68,18 +74,32 @@ def test_matches_float64(device, dtype, rows, n_out, n_in):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows, n_out, n_in", [(1, 40, 1100), (5, 200, 520)])
 def test_swiglu_matches_float64(device, dtype, rows, n_out, n_in):
-    """silu(x gate^T) * (x up^T): one row through the matrix-vector kernel's fused pass over
-    both weights, 5 rows through the tensor-core kernel per weight."""
+    """silu(u gate^T) * (u up^T), u = x or norm(x + residual): one row through the
+    matrix-vector kernel's fused pass over both weights, 5 rows through the tensor-core kernel per
+    weight."""
     generator = torch.Generator().manual_seed(rows * n_out + n_in)
     x, gate_qdata, gate_scale = nan_padded_inputs(rows, n_out, n_in, device, dtype, generator)
     _, up_qdata, up_scale = nan_padded_inputs(rows, n_out, n_in, device, dtype, generator)
     weights = (gate_qdata, gate_scale, up_qdata, up_scale)
-    ours = int8_weight_only_swiglu(x, *weights)
-    expected = int8_weight_only_swiglu_reference(x.double(), *weights)
-    assert ours.shape == (rows, n_out) and ours.dtype == dtype and not ours.isnan().any()
-    assert relative_error(ours, expected) < TOLERANCE[dtype]
-    # The fused pass is not the plain product of either weight.
-    assert relative_error(ours, int8_weight_only_linear(x, up_qdata, up_scale)) > 0.1
+    residual = torch.randn(rows, n_in, generator=generator).to(device, dtype)
+    norm_weight = (torch.rand(n_in, generator=generator) + 0.5).to(device, dtype)
+    # Plain, and the block's second half: the residual added and the norm in the prologue, each
+    # rounded to x's dtype as the model rounds them (the float64 products take that input). In
+    # bf16 the kernel's norm sums in another order than the reference's, so an input here and
+    # there rounds to the neighbouring bf16 value: twice the tolerance (fp32 checks the logic).
+    block_input = rms_norm_reference((x + residual).to(dtype), norm_weight, 1e-5)
+    for args, u, tolerance in (
+        ((), x, TOLERANCE[dtype]),
+        ((residual, norm_weight, 1e-5), block_input, 2 * TOLERANCE[dtype]),
+    ):
+        ours = int8_weight_only_swiglu(x, *weights, *args)
+        expected = int8_weight_only_swiglu_reference(u.double(), *weights)
+        assert ours.shape == (rows, n_out) and ours.dtype == dtype and not ours.isnan().any()
+        assert relative_error(ours, expected) < tolerance
+    # The fused pass is neither the plain one nor the plain product of either weight.
+    plain = int8_weight_only_swiglu(x, *weights)
+    assert relative_error(ours, plain) > 0.1
+    assert relative_error(plain, int8_weight_only_linear(x, up_qdata, up_scale)) > 0.1
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -108,15 +128,19 @@ def test_concat_linear_matches_float64(device, dtype, rows):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_residual_is_added_to_the_product(device, dtype, rows):
-    """x @ q^T + residual, the product rounded to x's dtype first as the model adds its residual:
-    at one row in the matrix-vector kernel's epilogue."""
+    """x @ q^T + residual, or + (update + residual), the sums rounded to x's dtype as the model
+    rounds its residual stream: at one row in the matrix-vector kernel's epilogue."""
     generator = torch.Generator().manual_seed(rows + 7)
     x, qdata, scale = nan_padded_inputs(rows, 40, 300, device, dtype, generator)
-    residual = torch.randn(rows, 40, generator=generator).to(device, dtype)
-    ours = int8_weight_only_linear(x, qdata, scale, residual)
-    expected = int8_weight_only_linear_reference(x.double(), qdata, scale, residual.double())
-    assert ours.dtype == dtype and relative_error(ours, expected) < TOLERANCE[dtype]
-    assert relative_error(ours, int8_weight_only_linear(x, qdata, scale)) > 0.1
+    residual, update = (torch.randn(rows, 40, generator=generator).to(device, dtype) for _ in "ru")
+    plain = int8_weight_only_linear(x, qdata, scale)
+    for addends in ((residual,), (residual, update)):
+        ours = int8_weight_only_linear(x, qdata, scale, *addends)
+        expected = int8_weight_only_linear_reference(
+            x.double(), qdata, scale, *(t.double() for t in addends)
+        )
+        assert ours.dtype == dtype and relative_error(ours, expected) < TOLERANCE[dtype]
+        assert relative_error(ours, plain) > 0.1
 
 
 def test_the_cases_cover_every_path():
@@ -167,6 +191,16 @@ def test_leading_dimensions_and_errors():
         error(x, qdata, scale, torch.zeros(6, 15)),
         """int8_weight_only_linear: residual (6, 15) is not the output's shape (6, 16)""",
     )
+    assert_expected_inline(
+        error(x, qdata, scale, None, torch.zeros(6, 16)),
+        """int8_weight_only_linear: an update needs the residual it adds to""",
+    )
+    with pytest.raises(ValueError) as raised:
+        int8_weight_only_swiglu(x, qdata, scale, qdata, scale, x[:, :39])
+    assert_expected_inline(
+        str(raised.value),
+        """int8_weight_only_swiglu: residual (6, 39) is not x's (6, 40)""",
+    )
     with pytest.raises(ValueError) as raised:
         int8_weight_only_concat_linear(x, qdata, scale, qdata, scale, torch.ones(39), 1e-6)
     assert_expected_inline(
@@ -204,7 +238,11 @@ def opcheck_all(device: str) -> None:
         norm = (torch.rand(x.shape[-1], device=device) + 0.5, 1e-6)
         torch.library.opcheck(int8_weight_only_concat_linear, (x, qdata, scale, *second, *norm))
         residual = torch.randn(x.shape[0], qdata.shape[0], device=device)
-        torch.library.opcheck(int8_weight_only_linear, (x, qdata, scale, residual))
+        torch.library.opcheck(
+            int8_weight_only_linear, (x, qdata, scale, residual, residual.flip(0))
+        )
+        block_input = (torch.randn_like(x), *norm)
+        torch.library.opcheck(int8_weight_only_swiglu, (x, qdata, scale, *up, *block_input))
 
 
 @pytest.mark.usefixtures("cpu_reference_branch")
@@ -254,14 +292,23 @@ def test_quantized_swiglu_runs_w1_and_w3_as_one_op_for_decode_rows():
     assert type(ours.w1) is Int8WeightOnlyLinear
     assert model.state_dict().keys() == reference.state_dict().keys()
 
+    norm = RMSNorm(48, eps=1e-5)
+    nn.init.uniform_(norm.weight, 0.5, 1.5)
     swiglu_op = torch.ops.titan_mla.int8_weight_only_swiglu.default
     for rows in (1, MAX_ROWS, MAX_ROWS + 1):
         x, residual = torch.randn(rows, 48), torch.randn(rows, 48)
-        with torch.no_grad(), CountOpCalls(swiglu_op) as calls:
-            actual = ours(x, residual=residual)
-        assert calls.count == (rows <= MAX_ROWS), rows
-        with torch.no_grad():
-            assert relative_error(actual, reference(x) + residual) < 1e-5
+        # The SwiGLU alone, plus a residual, and the block's second half (add, norm, SwiGLU, add).
+        for kwargs in (
+            {},
+            {"residual": residual},
+            {"norm": norm},
+            {"residual": residual, "norm": norm},
+        ):
+            with torch.no_grad(), CountOpCalls(swiglu_op) as calls:
+                actual = ours(x, **kwargs)
+            assert calls.count == (rows <= MAX_ROWS), (rows, kwargs)
+            with torch.no_grad():
+                assert relative_error(actual, theirs(x, **kwargs)) < 1e-5, (rows, kwargs)
 
 
 def test_quantized_attention_runs_wq_and_wkv_a_as_one_op_for_one_row():
@@ -306,6 +353,12 @@ def test_cuda_1b_shapes(rows):
     weights = (gate_qdata, gate_scale, up_qdata, up_scale)
     expected = int8_weight_only_swiglu_reference(x.double(), *weights)
     assert relative_error(int8_weight_only_swiglu(x, *weights), expected) < 1e-2
+    residual = torch.randn_like(x)
+    norm_weight = torch.rand(2048, device="cuda", dtype=torch.bfloat16) + 0.5
+    block_input = rms_norm_reference((x + residual).to(x.dtype), norm_weight, 1e-6)
+    expected = int8_weight_only_swiglu_reference(block_input.double(), *weights)
+    ours = int8_weight_only_swiglu(x, *weights, residual, norm_weight, 1e-6)
+    assert relative_error(ours, expected) < 2e-2
     # The attention's query and latent projections as one.
     _, latent_qdata, latent_scale = nan_padded_inputs(
         rows, 576, 2048, "cuda", torch.bfloat16, generator
@@ -350,3 +403,47 @@ def test_int8_dynamic_at_few_rows_equals_torchaos_int8_product(rows):
     assert calls.count == (1 if rows <= 16 else 0)
     with torch.no_grad():
         assert relative_error(actual, theirs(x)) < 1e-6
+
+
+SM90_COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, "tests")
+    from sm90 import compile_for_sm90
+    from titan_mla.ops import int8_linear as m
+
+    kernel = m._int8_gemv_kernel.fn
+    signature = {name: "*bf16" if name.endswith("_ptr") else "i32" for name in kernel.arg_names}
+    signature.update(q_ptr="*i8", second_q_ptr="*i8", eps="fp32")
+    # The heaviest launch of each kind a decode step makes: the SwiGLU pair with the block's
+    # residual and norm in its prologue, and one weight with a norm and both residual adds.
+    modes = [dict(GATED=True, INPUT_RESIDUAL=True, NORM=True, OUTPUT_RESIDUAL=0),
+             dict(GATED=False, INPUT_RESIDUAL=False, NORM=True, OUTPUT_RESIDUAL=2)]
+    failures = []
+    for mode in modes:
+        for config in m.prune_gemv_configs(m._int8_gemv_kernel.configs, mode):
+            constants = dict(K_END=8192, **mode, **config.kwargs)
+            registers, spills, _ = compile_for_sm90(kernel, signature, constants, config.num_warps)
+            print(mode["GATED"], config, registers)
+            if spills:
+                failures.append((mode, str(config), registers))
+    sys.exit(f"register spills: {failures}" if failures else 0)
+    """
+)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests compile the real thing")
+def test_matrix_vector_configs_compile_for_sm90_without_spills():
+    """Every config the autotuner may time, for the decode step's heaviest launches, builds for
+    H100 (sm_90) without register spills. A subprocess: this one has the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", SM90_COMPILE_SCRIPT],
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("registers") >= 30  # both modes' configs compiled

@@ -473,24 +473,17 @@ def test_compile_cpu_reference_branch():
 
 SM90_COMPILE_SCRIPT = textwrap.dedent(
     """
-    import re, subprocess, sys, tempfile
-    from pathlib import Path
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import sys
+    sys.path.insert(0, "tests")
+    from sm90 import MAX_SHARED, compile_for_sm90
     from titan_mla.ops import mla_decode as m
 
     kernel = m._mla_decode_split_kernel
-    SM90_MAX_SHARED = 232448  # bytes of shared memory a block may use on H100
-    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
     failures = []
     # Every distinct entry of the table (keys differing in program count often share one).
     for kind, config in sorted({(key[0], c) for key, c in m.TUNED_CONFIGS.items()}, key=repr):
         fp8 = kind == "fp8"
-        signature = {name: "i32" for name in kernel.arg_names}
-        for name in kernel.arg_names:
-            if name.endswith("_ptr"):
-                signature[name] = "*bf16"
+        signature = {name: "*bf16" if name.endswith("_ptr") else "i32" for name in kernel.arg_names}
         signature.update(block_table_ptr="*i32", seq_lens_ptr="*i32", partial_out_ptr="*fp32",
                          partial_lse_ptr="*fp32", softmax_scale_log2="fp32")
         if fp8:
@@ -501,29 +494,14 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
                          BLOCK_H=config.block_h,
                          BLOCK_N=config.block_n, FP32_DOTS=False,
                          PREFETCH=config.prefetch, USE_FOR_LOOP=True)
-        signature.update({name: "constexpr" for name in constants})
-        # As the launcher specializes them: pointers and strides divisible by 16.
-        attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
-                 for name, kind in signature.items() if kind[0] == "*" or "stride" in name}
-        compiled = triton.compile(
-            ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
-            options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
-        ptx = Path(tempfile.mkdtemp()) / "kernel.ptx"
-        ptx.write_text(compiled.asm["ptx"])
-        report = subprocess.run([str(ptxas), "-v", "--gpu-name=sm_90a", str(ptx), "-o",
-                                 "/dev/null"], capture_output=True, text=True, check=True).stderr
-        registers = re.search(r"Used \\d+ registers", report).group(0)
-        print(kind, config, f"smem {compiled.metadata.shared}", registers)
-        if " 0 bytes spill stores" not in report:
-            failures.append((kind, config, report))
-        if compiled.metadata.shared > SM90_MAX_SHARED:
-            failures.append((kind, config, f"shared memory {compiled.metadata.shared}"))
-    combine = ASTSource(m._mla_decode_combine_kernel,
-                        dict(partial_out_ptr="*fp32", partial_lse_ptr="*fp32", out_ptr="*bf16",
-                             NUM_SPLITS="constexpr", LATENT_DIM="constexpr",
-                             BLOCK_SPLITS="constexpr", BLOCK_D="constexpr"),
-                        dict(NUM_SPLITS=5, LATENT_DIM=512, BLOCK_SPLITS=8, BLOCK_D=512))
-    triton.compile(combine, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+        registers, spills, shared = compile_for_sm90(
+            kernel, signature, constants, config.num_warps, config.num_stages)
+        print(kind, config, f"smem {shared}", registers)
+        if spills or shared > MAX_SHARED:
+            failures.append((kind, config, registers, spills, shared))
+    combine = m._mla_decode_combine_kernel
+    compile_for_sm90(combine, dict(partial_out_ptr="*fp32", partial_lse_ptr="*fp32", out_ptr="*bf16"),
+                     dict(NUM_SPLITS=5, LATENT_DIM=512, BLOCK_SPLITS=8, BLOCK_D=512), num_warps=4)
     sys.exit(f"register spills or too much shared memory: {failures}" if failures else 0)
     """
 )

@@ -234,10 +234,9 @@ class MLAEngine:
 
     @staticmethod
     def _feed_forward(layer: TransformerBlock, attention_out: Tensor, h: Tensor) -> Tensor:
-        """The rest of the block after attention: the residual add fused into the norm, as in
-        training, and the second one handed to the SwiGLU (a quantized one fuses it)."""
-        ffn_in, h = layer.ffn_norm(attention_out, residual=h)
-        return layer.feed_forward(ffn_in, residual=h)
+        """The rest of the block after attention, h + attention_out + SwiGLU(ffn_norm(...)) as in
+        training, handed to the SwiGLU whole (a quantized one fuses the adds and the norm)."""
+        return layer.feed_forward(attention_out, residual=h, norm=layer.ffn_norm)
 
     def _extend(self, seqs: list[int], num_tokens: list[int]) -> None:
         """Reserve room in every sequence or, when one does not fit, in none."""

@@ -174,9 +174,19 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The SwiGLU of x, plus ``residual`` when given (the inference engine passes the block's
-        residual, which a quantized SwiGLU adds in its last kernel)."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        norm: RMSNorm | None = None,
+    ) -> torch.Tensor:
+        """The SwiGLU of x; with ``residual``, plus the residual; with ``norm`` too, the second
+        half of a block: h = x + residual, h + SwiGLU(norm(h)). The inference engine passes the
+        block's residual and FFN norm, which a quantized SwiGLU fuses into its kernels."""
+        if norm is not None and residual is not None:
+            x, residual = norm(x, residual=residual)
+        elif norm is not None:
+            x = norm(x)
         out = self.w2(F.silu(self.w1(x)) * self.w3(x))
         return out if residual is None else residual + out
 

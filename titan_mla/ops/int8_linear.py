@@ -82,8 +82,37 @@ GEMV_CANDIDATES = (
 )
 
 
+@triton.jit
+def _input_chunk(x_row, input_residual_row, ks, k_mask, INPUT_RESIDUAL: tl.constexpr):
+    """Inputs ks of the row: x, or x + the residual row rounded to x's dtype (as the model sums
+    its residual stream)."""
+    x = tl.load(x_row + ks, mask=k_mask, other=0.0)
+    if INPUT_RESIDUAL:
+        residual = tl.load(input_residual_row + ks, mask=k_mask, other=0.0)
+        x = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
+    return x
+
+
+def prune_gemv_configs(
+    configs: list[triton.Config], named_args: dict, **kwargs: object
+) -> list[triton.Config]:
+    """The configs worth timing for a launch: with two weights (GATED) two accumulators share the
+    registers, and pipelined configs holding more than 32 products per thread in each spill on
+    sm_90 (ptxas; tests/test_ops_int8_linear.py compiles every kept config)."""
+    if not named_args["GATED"]:
+        return configs
+    return [
+        config
+        for config in configs
+        if config.kwargs["STAGES"] == 1
+        or config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"] <= 32 * 32 * config.num_warps
+    ]
+
+
 @triton.autotune(
-    configs=_gemv_configs(), key=["n_out", "n_first", "n_in", "GATED", "NORM", "ADD_RESIDUAL"]
+    configs=_gemv_configs(),
+    key=["n_out", "n_first", "n_in", "GATED", "INPUT_RESIDUAL", "NORM", "OUTPUT_RESIDUAL"],
+    prune_configs_by={"early_config_prune": prune_gemv_configs},
 )
 @triton.jit
 def _int8_gemv_kernel(
@@ -92,8 +121,10 @@ def _int8_gemv_kernel(
     scale_ptr,
     second_q_ptr,
     second_scale_ptr,
+    input_residual_ptr,
     norm_weight_ptr,
     residual_ptr,
+    update_ptr,
     out_ptr,
     n_out,
     n_first,
@@ -102,8 +133,9 @@ def _int8_gemv_kernel(
     eps,
     K_END: tl.constexpr,
     GATED: tl.constexpr,
+    INPUT_RESIDUAL: tl.constexpr,
     NORM: tl.constexpr,
-    ADD_RESIDUAL: tl.constexpr,
+    OUTPUT_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     STAGES: tl.constexpr,
@@ -115,19 +147,24 @@ def _int8_gemv_kernel(
     Two weights with one input, two ways: GATED, silu(x @ second^T) * (x @ q^T) (the SwiGLU's
     hidden activation, second = gate) from one pass over both; else outputs n_first.. n_out - 1
     come from the rows of the second weight, as if it were concatenated below the first (one
-    weight alone: n_first = n_out). NORM: x is RMS-normalized first (weight norm_weight, as
-    ops.rmsnorm computes it, rounded to x's dtype), so the block's norm needs no launch of its own;
-    ADD_RESIDUAL: the output (rounded to its dtype) plus a residual row, the block's residual add.
+    weight alone: n_first = n_out).
+
+    So that the block's norms and residual adds need no launches of their own: INPUT_RESIDUAL,
+    the input row is x + a residual row (rounded to x's dtype); NORM, it is RMS-normalized first
+    (weight norm_weight, as ops.rmsnorm computes it, rounded to x's dtype); OUTPUT_RESIDUAL 1, the
+    output (rounded to its dtype) plus a residual row, 2: plus (residual + update) rounded, the
+    residual stream after an update the kernel's input came from.
     """
     row = tl.program_id(1)
     x_row = x_ptr + row * x_row_stride
+    input_residual_row = input_residual_ptr + row * n_in
     rstd = 1.0
     if NORM:  # every program reads the whole (L2-resident) input row once more for its norm
         squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k in tl.range(0, K_END, BLOCK_K):
             ks = k + tl.arange(0, BLOCK_K)
-            x = tl.load(x_row + ks, mask=ks < n_in, other=0.0).to(tl.float32)
-            squares += x * x
+            x = _input_chunk(x_row, input_residual_row, ks, ks < n_in, INPUT_RESIDUAL)
+            squares += x.to(tl.float32) * x.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(squares) / n_in + eps)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_out
@@ -153,7 +190,7 @@ def _int8_gemv_kernel(
         ks = k + tl.arange(0, BLOCK_K)
         k_mask = ks < n_in
         mask = col_mask[:, None] & k_mask[None, :]
-        x = tl.load(x_row + ks, mask=k_mask, other=0.0)
+        x = _input_chunk(x_row, input_residual_row, ks, k_mask, INPUT_RESIDUAL)
         if NORM:
             norm_weight = tl.load(norm_weight_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
             x = (x.to(tl.float32) * rstd * norm_weight).to(x_ptr.dtype.element_ty)
@@ -168,9 +205,12 @@ def _int8_gemv_kernel(
         gate = tl.sum(gate_acc, axis=1) * gate_scale
         y = gate * tl.sigmoid(gate) * y
     y = y.to(out_ptr.dtype.element_ty)
-    if ADD_RESIDUAL:
+    if OUTPUT_RESIDUAL > 0:
         residual = tl.load(residual_ptr + row * n_out + cols, mask=col_mask, other=0.0)
-        y = (y.to(tl.float32) + residual.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        if OUTPUT_RESIDUAL == 2:
+            update = tl.load(update_ptr + row * n_out + cols, mask=col_mask, other=0.0)
+            residual = (update.to(tl.float32) + residual.to(tl.float32)).to(y.dtype)
+        y = (residual.to(tl.float32) + y.to(tl.float32)).to(y.dtype)
     tl.store(out_ptr + row * n_out + cols, y, mask=col_mask)
 
 
@@ -290,6 +330,17 @@ def _check(op: str, x: Tensor, *weights: tuple[Tensor, Tensor]) -> tuple[int, in
     return n_rows, n_in
 
 
+def _check_block_input(
+    op: str, x: Tensor, residual: Tensor | None, norm_weight: Tensor | None
+) -> None:
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"{op}: residual {tuple(residual.shape)} is not x's {tuple(x.shape)}")
+    if norm_weight is not None and norm_weight.shape != x.shape[-1:]:
+        raise ValueError(
+            f"{op}: norm weight {tuple(norm_weight.shape)} for inputs of {x.shape[-1]}"
+        )
+
+
 def _dequantized_product(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
     """x @ dequantized weight^T in float32 (or x's wider dtype)."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -298,18 +349,45 @@ def _dequantized_product(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
 
 
 def int8_weight_only_linear_reference(
-    x: Tensor, qdata: Tensor, scale: Tensor, residual: Tensor | None = None
+    x: Tensor,
+    qdata: Tensor,
+    scale: Tensor,
+    residual: Tensor | None = None,
+    update: Tensor | None = None,
 ) -> Tensor:
     """The PyTorch reference (and CPU path): dequantized weight, fp32 (or x's wider) accumulation;
-    ``residual`` added to the product rounded to x's dtype, as the model adds its residual."""
+    ``residual`` (or ``update`` + ``residual``, rounded) added to the product rounded to x's
+    dtype, as the model sums its residual stream."""
     out = _dequantized_product(x, qdata, scale).to(x.dtype)
-    return out if residual is None else (out + residual).to(x.dtype)
+    if residual is None:
+        return out
+    if update is not None:
+        residual = (update + residual).to(x.dtype)
+    return (residual + out).to(x.dtype)
+
+
+def _block_input(
+    x: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps: float
+) -> Tensor:
+    """x (+ residual, rounded to x's dtype), RMS-normalized as ops.rmsnorm's reference does."""
+    if residual is not None:
+        x = (x + residual).to(x.dtype)
+    return x if norm_weight is None else rms_norm_reference(x, norm_weight, eps)
 
 
 def int8_weight_only_swiglu_reference(
-    x: Tensor, gate_qdata: Tensor, gate_scale: Tensor, up_qdata: Tensor, up_scale: Tensor
+    x: Tensor,
+    gate_qdata: Tensor,
+    gate_scale: Tensor,
+    up_qdata: Tensor,
+    up_scale: Tensor,
+    residual: Tensor | None = None,
+    norm_weight: Tensor | None = None,
+    eps: float = 0.0,
 ) -> Tensor:
-    """silu(x @ gate^T) * (x @ up^T) of the dequantized weights, rounded once to x's dtype."""
+    """silu(x @ gate^T) * (x @ up^T) of the dequantized weights, rounded once to x's dtype, of the
+    block input made from x, ``residual`` and ``norm_weight`` (see int8_weight_only_swiglu)."""
+    x = _block_input(x, residual, norm_weight, eps)
     gate = _dequantized_product(x, gate_qdata, gate_scale)
     return (F.silu(gate) * _dequantized_product(x, up_qdata, up_scale)).to(x.dtype)
 
@@ -325,8 +403,7 @@ def int8_weight_only_concat_linear_reference(
 ) -> Tensor:
     """x @ [first; second]^T of the dequantized weights, x first RMS-normalized with
     ``norm_weight`` (as ops.rmsnorm's reference computes it) when that is given."""
-    if norm_weight is not None:
-        x = rms_norm_reference(x, norm_weight, eps)
+    x = _block_input(x, None, norm_weight, eps)
     first = int8_weight_only_linear_reference(x, first_qdata, first_scale)
     return torch.cat([first, int8_weight_only_linear_reference(x, second_qdata, second_scale)], -1)
 
@@ -342,18 +419,29 @@ def _gemv(
     second: tuple[Tensor, Tensor] | None = None,
     *,
     gated: bool = False,
+    input_residual: Tensor | None = None,
     norm: tuple[Tensor, float] | None = None,
     residual: Tensor | None = None,
+    update: Tensor | None = None,
 ) -> Tensor:
     """The matrix-vector kernel, one program row per row of x_rows: x @ first^T; with ``second``,
-    silu(x @ second^T) * (x @ first^T) when ``gated``, else x @ [first; second]^T. ``norm``
-    (weight, eps): x RMS-normalized first; ``residual`` (rows, out): added to the output."""
+    silu(x @ second^T) * (x @ first^T) when ``gated``, else x @ [first; second]^T. The input row
+    is x + ``input_residual`` (rows, in) when that is given, RMS-normalized with ``norm`` (weight,
+    eps) when that is; ``residual`` (rows, out), or ``residual`` + ``update``, is added to the
+    output."""
     (qdata, scale), (second_qdata, second_scale) = first, second or first
     n_rows, n_in = x_rows.shape
     n_first = qdata.shape[0]
     n_out = n_first + (second_qdata.shape[0] if second is not None and not gated else 0)
     out = x_rows.new_empty(n_rows, n_out)
-    norm_weight, eps = norm if norm is not None else (scale, 0.0)  # unread placeholders
+    norm_weight, eps = norm if norm is not None else (scale, 0.0)
+    flags = (gated, input_residual is not None, norm is not None)
+    output_residual = 0 if residual is None else 1 if update is None else 2
+    # Tensors a launch does not read are passed as placeholders.
+    input_residual, residual, update = (
+        x_rows if t is None else t.reshape(n_rows, -1).contiguous()
+        for t in (input_residual, residual, update)
+    )
     torch.library.wrap_triton(_int8_gemv_kernel)[
         lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]), n_rows)
     ](
@@ -362,8 +450,10 @@ def _gemv(
         scale.reshape(-1),
         second_qdata.contiguous(),
         second_scale.reshape(-1),
+        input_residual,
         norm_weight,
-        out if residual is None else residual.reshape(n_rows, n_out).contiguous(),
+        residual,
+        update,
         out,
         n_out,
         n_first,
@@ -371,9 +461,8 @@ def _gemv(
         x_rows.stride(0),
         eps,
         triton.cdiv(n_in, _GEMV_K_MULTIPLE) * _GEMV_K_MULTIPLE,
-        gated,
-        norm is not None,
-        residual is not None,
+        *flags,
+        output_residual,
     )
     return out
 
@@ -426,26 +515,36 @@ def _tiled_linear(x_rows: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
 
 @torch.library.triton_op("titan_mla::int8_weight_only_linear", mutates_args=())
 def int8_weight_only_linear(
-    x: Tensor, qdata: Tensor, scale: Tensor, residual: Tensor | None = None
+    x: Tensor,
+    qdata: Tensor,
+    scale: Tensor,
+    residual: Tensor | None = None,
+    update: Tensor | None = None,
 ) -> Tensor:
     """x (..., in) @ dequantized(qdata (out, in) int8, scale (out,) or (out, 1))^T -> (..., out)
-    in x's dtype, for at most MAX_ROWS rows of x; plus ``residual`` (..., out) when given (for one
-    row in the kernel's epilogue: the block's residual add without a launch of its own)."""
+    in x's dtype, for at most MAX_ROWS rows of x; plus ``residual`` (..., out) when given, or plus
+    ``update`` + ``residual`` (the residual stream after an update: the model's two residual adds
+    of a block), each sum rounded to x's dtype as the model rounds it. For one row the additions
+    are the kernel's epilogue: no launches of their own."""
     n_rows, n_in = _check("int8_weight_only_linear", x, (qdata, scale))
-    if residual is not None and residual.shape != (*x.shape[:-1], qdata.shape[0]):
-        raise ValueError(
-            f"int8_weight_only_linear: residual {tuple(residual.shape)} is not the output's "
-            f"shape {(*x.shape[:-1], qdata.shape[0])}"
-        )
+    out_shape = (*x.shape[:-1], qdata.shape[0])
+    for name, tensor in (("residual", residual), ("update", update)):
+        if tensor is not None and tensor.shape != out_shape:
+            raise ValueError(
+                f"int8_weight_only_linear: {name} {tuple(tensor.shape)} is not the output's "
+                f"shape {out_shape}"
+            )
+    if update is not None and residual is None:
+        raise ValueError("int8_weight_only_linear: an update needs the residual it adds to")
     if not runs_triton(x):
-        return int8_weight_only_linear_reference(x, qdata, scale, residual)
+        return int8_weight_only_linear_reference(x, qdata, scale, residual, update)
     x_rows = _rows(x, n_rows, n_in)
     if n_rows == 1:
-        out = _gemv(x_rows, (qdata, scale), residual=residual)
-    else:
-        out = _tiled_linear(x_rows, qdata, scale)
-        out = out if residual is None else out + residual.reshape(out.shape)
-    return out.reshape(*x.shape[:-1], -1)
+        return _gemv(x_rows, (qdata, scale), residual=residual, update=update).reshape(out_shape)
+    out = _tiled_linear(x_rows, qdata, scale).reshape(out_shape)
+    if update is not None:
+        residual = update + residual
+    return out if residual is None else residual + out
 
 
 @torch.library.triton_op("titan_mla::int8_weight_only_concat_linear", mutates_args=())
@@ -465,11 +564,7 @@ def int8_weight_only_concat_linear(
     the norm in its prologue; more rows take the tensor-core kernel per weight."""
     first, second = (first_qdata, first_scale), (second_qdata, second_scale)
     n_rows, n_in = _check("int8_weight_only_concat_linear", x, first, second)
-    if norm_weight is not None and norm_weight.shape != (n_in,):
-        raise ValueError(
-            f"int8_weight_only_concat_linear: norm weight {tuple(norm_weight.shape)} for inputs "
-            f"of {n_in}"
-        )
+    _check_block_input("int8_weight_only_concat_linear", x, None, norm_weight)
     if not runs_triton(x):
         return int8_weight_only_concat_linear_reference(x, *first, *second, norm_weight, eps)
     x_rows = _rows(x, n_rows, n_in)
@@ -477,20 +572,29 @@ def int8_weight_only_concat_linear(
         norm = None if norm_weight is None else (norm_weight, eps)
         out = _gemv(x_rows, first, second, norm=norm)
     else:
-        if norm_weight is not None:
-            x_rows = rms_norm_reference(x_rows, norm_weight, eps)
+        x_rows = _block_input(x_rows, None, norm_weight, eps)
         out = torch.cat([_tiled_linear(x_rows, *first), _tiled_linear(x_rows, *second)], -1)
     return out.reshape(*x.shape[:-1], -1)
 
 
 @torch.library.triton_op("titan_mla::int8_weight_only_swiglu", mutates_args=())
 def int8_weight_only_swiglu(
-    x: Tensor, gate_qdata: Tensor, gate_scale: Tensor, up_qdata: Tensor, up_scale: Tensor
+    x: Tensor,
+    gate_qdata: Tensor,
+    gate_scale: Tensor,
+    up_qdata: Tensor,
+    up_scale: Tensor,
+    residual: Tensor | None = None,
+    norm_weight: Tensor | None = None,
+    eps: float = 0.0,
 ) -> Tensor:
-    """silu(x @ gate^T) * (x @ up^T) -> (..., hidden) in x's dtype, a SwiGLU's hidden activation
-    from int8 gate (w1) and up (w3) weights of the same shape, for at most MAX_ROWS rows of x.
-    One row reads both weights in one matrix-vector launch with the product as its epilogue (the
-    gate and up outputs never go to memory); more rows take the tensor-core kernel per weight."""
+    """silu(u @ gate^T) * (u @ up^T) -> (..., hidden) in x's dtype, a SwiGLU's hidden activation
+    from int8 gate (w1) and up (w3) weights of the same shape, for at most MAX_ROWS rows of x. The
+    input u is x, or x + ``residual`` (..., in) rounded to x's dtype, RMS-normalized with
+    ``norm_weight`` (in,) when that is given: the block's residual add and FFN norm. One row reads
+    both weights in one matrix-vector launch, with the sum and the norm in its prologue and the
+    product as its epilogue (the gate and up outputs never go to memory); more rows take the
+    tensor-core kernel per weight."""
     gate, up = (gate_qdata, gate_scale), (up_qdata, up_scale)
     n_rows, n_in = _check("int8_weight_only_swiglu", x, gate, up)
     if gate_qdata.shape != up_qdata.shape:
@@ -498,11 +602,15 @@ def int8_weight_only_swiglu(
             f"int8_weight_only_swiglu: gate and up weights of different shapes, "
             f"{tuple(gate_qdata.shape)} and {tuple(up_qdata.shape)}"
         )
+    _check_block_input("int8_weight_only_swiglu", x, residual, norm_weight)
     if not runs_triton(x):
-        return int8_weight_only_swiglu_reference(x, *gate, *up)
+        return int8_weight_only_swiglu_reference(x, *gate, *up, residual, norm_weight, eps)
     x_rows = _rows(x, n_rows, n_in)
     if n_rows == 1:
-        out = _gemv(x_rows, up, gate, gated=True)
+        norm = None if norm_weight is None else (norm_weight, eps)
+        out = _gemv(x_rows, up, gate, gated=True, input_residual=residual, norm=norm)
     else:
+        residual_rows = None if residual is None else residual.reshape(n_rows, n_in)
+        x_rows = _block_input(x_rows, residual_rows, norm_weight, eps)
         out = F.silu(_tiled_linear(x_rows, *gate)) * _tiled_linear(x_rows, *up)
     return out.reshape(*x.shape[:-1], -1)

@@ -120,18 +120,28 @@ class FusedQuantizedModule:
 class Int8WeightOnlySwiGLU(FusedQuantizedModule, SwiGLU):
     """A SwiGLU whose w1, w3 and w2 torchao quantized with ``Int8WeightOnlyConfig``: up to
     MAX_ROWS rows (decode) take ``titan_mla::int8_weight_only_swiglu``, at one row a single pass
-    over both int8 weights with silu(w1 x) * (w3 x) as its epilogue, then w2 through
-    ``titan_mla::int8_weight_only_linear`` with the residual added in its epilogue; more rows
-    (prefill) take torchao's matmuls as the plain SwiGLU does."""
+    over both int8 weights with the block's residual add and FFN norm (when given) in its prologue
+    and silu(w1 x) * (w3 x) as its epilogue, then w2 through ``titan_mla::int8_weight_only_linear``
+    with the residual stream added in its epilogue: a block's second half in two launches. More
+    rows (prefill) take torchao's matmuls as the plain SwiGLU does."""
 
     fused_linears = ("w1", "w3", "w2")
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, residual: Tensor | None = None, norm: RMSNorm | None = None
+    ) -> Tensor:
         if x.numel() // x.shape[-1] > MAX_ROWS:
-            return super().forward(x, residual)
+            return super().forward(x, residual, norm)
         gate, up, down = self.w1.weight, self.w3.weight, self.w2.weight
-        hidden = int8_weight_only_swiglu(x, gate.qdata, gate.scale, up.qdata, up.scale)
-        return int8_weight_only_linear(hidden, down.qdata, down.scale, residual)
+        norm_args = () if norm is None else (norm.weight, norm.eps)
+        # With a norm, the residual is added before it and the sum is the stream the output adds
+        # to; without, the residual is only added to the output.
+        input_residual = residual if norm is not None else None
+        hidden = int8_weight_only_swiglu(
+            x, gate.qdata, gate.scale, up.qdata, up.scale, input_residual, *norm_args
+        )
+        update = x if input_residual is not None else None
+        return int8_weight_only_linear(hidden, down.qdata, down.scale, residual, update)
 
 
 class Int8WeightOnlyMLA(FusedQuantizedModule, MultiHeadLatentAttention):
