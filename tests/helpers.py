@@ -7,6 +7,7 @@ import os
 import random
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,20 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected||, in float64."""
     expected = expected.double()
     return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def run_without_interpreter(script: str, timeout: int) -> subprocess.CompletedProcess:
+    """``python -c script`` at the repository root without TRITON_INTERPRET (conftest sets it for
+    the test processes), e.g. to compile kernels for a GPU this machine does not have."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def run_train(

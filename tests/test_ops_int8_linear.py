@@ -7,16 +7,12 @@ tests marked by the ``cuda`` parameter run the compiled kernel on a GPU.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 from expecttest import assert_expected_inline
-from helpers import DEVICES, relative_error, requires_cuda
+from helpers import DEVICES, relative_error, requires_cuda, run_without_interpreter
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -436,14 +432,6 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
 def test_matrix_vector_configs_compile_for_sm90_without_spills():
     """Every config the autotuner may time, for the decode step's heaviest launches, builds for
     H100 (sm_90) without register spills. A subprocess: this one has the interpreter."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-c", SM90_COMPILE_SCRIPT],
-        env=env,
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_without_interpreter(SM90_COMPILE_SCRIPT, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("registers") >= 30  # both modes' configs compiled

@@ -9,15 +9,12 @@ shapes, check opcheck on the Triton branch and CUDA-graph capture.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import relative_error, requires_cuda
+from helpers import relative_error, requires_cuda, run_without_interpreter
 
 from titan_mla.ops import mla_decode as mla_decode_module
 from titan_mla.ops.mla_decode import (
@@ -511,15 +508,7 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
 def test_kernels_compile_for_sm90_without_spills():
     """Triton compiles for a target without the GPU: the default configs at the 1B shapes must
     build for H100 (sm_90) without register spills. A subprocess: this one has the interpreter."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-c", SM90_COMPILE_SCRIPT],
-        env=env,
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_without_interpreter(SM90_COMPILE_SCRIPT, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
