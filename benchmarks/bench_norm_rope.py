@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import relative_error, write_result
+from benchmarks.common import graph_time_ms, relative_error, write_result
 from titan_mla.models.args import MLAModelArgs
 from titan_mla.models.rope import rope_cos_sin
 from titan_mla.ops.rmsnorm import rms_norm, rms_norm_reference
@@ -34,22 +34,10 @@ EPS = 1e-6
 COPY_BYTES = 1 << 30
 
 
-def graph_replay(fn: Callable[[], object]) -> Callable[[], None]:
-    """fn captured in a CUDA graph (after warm-up runs, which also compile it)."""
-    side_stream = torch.cuda.Stream()
-    side_stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side_stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side_stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def median_ms(fn: Callable[[], object]) -> float:
-    return triton.testing.do_bench(graph_replay(fn), warmup=25, rep=200, return_mode="median")
+    """fn captured in a CUDA graph after 3 warm-up calls (which also compile it), replays timed
+    for 200 ms."""
+    return graph_time_ms(fn, warmup_calls=3, rep_ms=200)
 
 
 def assert_close(name: str, actual: tuple, expected: tuple, tolerance: float = 1e-2) -> None:

@@ -67,16 +67,20 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected).norm() / expected.norm()).item()
 
 
-def graph_time_ms(fn: Callable[[], object], calls: int = 1) -> float:
+def graph_time_ms(
+    fn: Callable[[], object], calls: int = 1, warmup_calls: int = 1, rep_ms: int = 100
+) -> float:
     """Milliseconds per call of ``fn``, as a decode step runs it: ``calls`` back-to-back calls
-    captured in one CUDA graph, its replays timed (median), so host-side launch cost (Python, the
-    dispatcher) is not counted and every variant is launched the same way."""
+    captured in one CUDA graph, its replays timed for about ``rep_ms`` (median), so host-side
+    launch cost (Python, the dispatcher) is not counted and every variant is launched the same
+    way."""
     import triton.testing
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        fn()  # Triton/Inductor compile, autotuning and allocator warm-up outside the capture
+        for _ in range(warmup_calls):  # compilation, autotuning, allocator: outside the capture
+            fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     try:
@@ -85,7 +89,7 @@ def graph_time_ms(fn: Callable[[], object], calls: int = 1) -> float:
                 fn()
     except RuntimeError as err:  # not capturable: time eager launches, and say so
         print(f"  (not capturable, timed eagerly: {str(err).splitlines()[0]})")
-        return triton.testing.do_bench(fn, return_mode="median")
-    ms = triton.testing.do_bench(graph.replay, return_mode="median") / calls
+        return triton.testing.do_bench(fn, rep=rep_ms, return_mode="median")
+    ms = triton.testing.do_bench(graph.replay, rep=rep_ms, return_mode="median") / calls
     del graph
     return ms
