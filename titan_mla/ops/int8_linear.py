@@ -13,7 +13,9 @@ the products are summed on the CUDA cores, with the row block, the inputs per st
 the pipeline stages autotuned per weight shape. It also reads two weights of one input in one
 launch: the SwiGLU's gate and up projections with silu(gate) * up as its epilogue
 (``int8_weight_only_swiglu``), or two outputs side by side (``int8_weight_only_concat_linear``:
-the attention's wq and wkv_a). Int8 weight-only's batch-1 decode runs every layer linear through it
+the attention's wq and wkv_a). Its prologue can add a residual row to the input and RMS-normalize
+it, its epilogue add the residual stream to the output: the block's norms and residual adds then
+need no launches of their own. Int8 weight-only's batch-1 decode runs every layer linear through it
 and only the output head through torchao's matmul (quantization.Int8WeightOnlyLinear); int8
 dynamic's through it for every linear.
 
@@ -55,11 +57,11 @@ def _gemv_configs() -> list[triton.Config]:
 
 
 _INTERPRETER_GEMV = (16, 1024, 8, 1)
-# (output rows per program, inputs per step, warps, pipeline stages) for one row, the fastest
-# at some 1B decode shape in a sweep on H100 (benchmarks/NOTES.md): whole 2048-input steps of 1-4
-# rows for many programs in flight, or stages that keep several steps of weight tiles in flight
-# per program (asynchronous copies: the loop has no dot, so the pipeliner takes its loads only when
-# asked through ``tl.range``).
+# (output rows per program, inputs per step, warps, pipeline stages) for one row, the fastest at
+# some 1B decode shape in sweeps on H100 and H200 (benchmarks/NOTES.md): whole 2048-input steps of
+# 1-4 rows for many programs in flight, or stages that keep several steps of weight tiles in
+# flight per program (asynchronous copies: the loop has no dot, so the pipeliner takes its loads
+# only when asked through ``tl.range``).
 GEMV_CANDIDATES = (
     (1, 2048, 4, 1),
     (2, 2048, 4, 1),
