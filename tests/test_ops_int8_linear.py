@@ -417,7 +417,7 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
              dict(GATED=False, INPUT_RESIDUAL=False, NORM=True, OUTPUT_RESIDUAL=2)]
     failures = []
     for mode in modes:
-        for config in m.prune_gemv_configs(m._int8_gemv_kernel.configs, mode):
+        for config in m._int8_gemv_kernel.configs:
             constants = dict(K_END=8192, **mode, **config.kwargs)
             registers, spills, _ = compile_for_sm90(kernel, signature, constants, config.num_warps)
             print(mode["GATED"], config, registers)
@@ -430,8 +430,8 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests compile the real thing")
 def test_matrix_vector_configs_compile_for_sm90_without_spills():
-    """Every config the autotuner may time, for the decode step's heaviest launches, builds for
-    H100 (sm_90) without register spills. A subprocess: this one has the interpreter."""
+    """Every config the autotuner times, for the decode step's heaviest launches, builds for H100
+    (sm_90) without register spills. A subprocess: this one has the interpreter."""
     result = run_without_interpreter(SM90_COMPILE_SCRIPT, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("registers") >= 30  # both modes' configs compiled
+    assert result.stdout.count("registers") == 32  # both modes' configs compiled
