@@ -98,21 +98,17 @@ def combined(linear: Callable, combine: str) -> Callable[..., torch.Tensor]:
     return {"one": one, "concat": concat, "swiglu": swiglu}[combine]
 
 
+# titan_mla's int8 op of each way of combining, and its reference.
+INT8_OPS = {
+    "one": (int8_weight_only_linear, int8_weight_only_linear_reference),
+    "concat": (int8_weight_only_concat_linear, int8_weight_only_concat_linear_reference),
+    "swiglu": (int8_weight_only_swiglu, int8_weight_only_swiglu_reference),
+}
+
+
 def int8_titan_mla(combine: str) -> Callable[..., torch.Tensor]:
-    op = {
-        "one": int8_weight_only_linear,
-        "concat": int8_weight_only_concat_linear,
-        "swiglu": int8_weight_only_swiglu,
-    }[combine]
+    op, _ = INT8_OPS[combine]
     return lambda x, *weights: op(x, *(t for w in weights for t in (w.qdata, w.scale)))
-
-
-def int8_reference(combine: str) -> Callable[..., torch.Tensor]:
-    return {
-        "one": int8_weight_only_linear_reference,
-        "concat": int8_weight_only_concat_linear_reference,
-        "swiglu": int8_weight_only_swiglu_reference,
-    }[combine]
 
 
 def bench_case(case: Case, rows: int) -> list[dict]:
@@ -147,7 +143,8 @@ def bench_case(case: Case, rows: int) -> list[dict]:
         "int8_titan_mla": (over_copies(int8_titan_mla(case.combine), int8), int8),
     }
     int8_weights = [t for m in int8[:per_call] for t in (m.weight.qdata, m.weight.scale)]
-    int8_expected = int8_reference(case.combine)(x.float(), *int8_weights)
+    _, reference = INT8_OPS[case.combine]
+    int8_expected = reference(x.float(), *int8_weights)
     bf16_expected = baseline(x.float(), *(m.weight.float() for m in bf16[:per_call]))
     label = case.label(rows)
     results = []

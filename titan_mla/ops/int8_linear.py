@@ -341,22 +341,25 @@ def int8_weight_only_linear_reference(
     update: Tensor | None = None,
 ) -> Tensor:
     """The PyTorch reference (and CPU path): dequantized weight, fp32 (or x's wider) accumulation;
-    ``residual`` (or ``update`` + ``residual``, rounded) added to the product rounded to x's
-    dtype, as the model sums its residual stream."""
-    out = _dequantized_product(x, qdata, scale).to(x.dtype)
+    ``residual`` (or ``update`` + ``residual``) added to the product rounded to x's dtype."""
+    return _plus_residual(_dequantized_product(x, qdata, scale).to(x.dtype), residual, update)
+
+
+def _plus_residual(x: Tensor, residual: Tensor | None, update: Tensor | None = None) -> Tensor:
+    """x + residual, or x + (update + residual), each sum rounded to x's dtype as the model sums
+    its residual stream (what the kernel's prologue and epilogue compute)."""
     if residual is None:
-        return out
+        return x
     if update is not None:
         residual = (update + residual).to(x.dtype)
-    return (residual + out).to(x.dtype)
+    return (residual + x).to(x.dtype)
 
 
 def _block_input(
     x: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps: float
 ) -> Tensor:
     """x (+ residual, rounded to x's dtype), RMS-normalized as ops.rmsnorm's reference does."""
-    if residual is not None:
-        x = (x + residual).to(x.dtype)
+    x = _plus_residual(x, residual)
     return x if norm_weight is None else rms_norm_reference(x, norm_weight, eps)
 
 
@@ -405,28 +408,29 @@ def _gemv(
     *,
     gated: bool = False,
     input_residual: Tensor | None = None,
-    norm: tuple[Tensor, float] | None = None,
+    norm_weight: Tensor | None = None,
+    eps: float = 0.0,
     residual: Tensor | None = None,
     update: Tensor | None = None,
 ) -> Tensor:
     """The matrix-vector kernel, one program row per row of x_rows: x @ first^T; with ``second``,
     silu(x @ second^T) * (x @ first^T) when ``gated``, else x @ [first; second]^T. The input row
-    is x + ``input_residual`` (rows, in) when that is given, RMS-normalized with ``norm`` (weight,
-    eps) when that is; ``residual`` (rows, out), or ``residual`` + ``update``, is added to the
-    output."""
+    is x + ``input_residual`` (rows, in) when that is given, RMS-normalized with ``norm_weight``
+    and ``eps`` when that is; ``residual`` (rows, out), or ``residual`` + ``update``, is added to
+    the output."""
     (qdata, scale), (second_qdata, second_scale) = first, second or first
     n_rows, n_in = x_rows.shape
     n_first = qdata.shape[0]
     n_out = n_first + (second_qdata.shape[0] if second is not None and not gated else 0)
     out = x_rows.new_empty(n_rows, n_out)
-    norm_weight, eps = norm if norm is not None else (scale, 0.0)
-    flags = (gated, input_residual is not None, norm is not None)
+    flags = (gated, input_residual is not None, norm_weight is not None)
     output_residual = 0 if residual is None else 1 if update is None else 2
     # Tensors a launch does not read are passed as placeholders.
     input_residual, residual, update = (
         x_rows if t is None else t.reshape(n_rows, -1).contiguous()
         for t in (input_residual, residual, update)
     )
+    norm_weight = scale if norm_weight is None else norm_weight
     torch.library.wrap_triton(_int8_gemv_kernel)[
         lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]), n_rows)
     ](
@@ -526,10 +530,7 @@ def int8_weight_only_linear(
     x_rows = _rows(x, n_rows, n_in)
     if n_rows == 1:
         return _gemv(x_rows, (qdata, scale), residual=residual, update=update).reshape(out_shape)
-    out = _tiled_linear(x_rows, qdata, scale).reshape(out_shape)
-    if update is not None:
-        residual = update + residual
-    return out if residual is None else residual + out
+    return _plus_residual(_tiled_linear(x_rows, qdata, scale).reshape(out_shape), residual, update)
 
 
 @torch.library.triton_op("titan_mla::int8_weight_only_concat_linear", mutates_args=())
@@ -554,8 +555,7 @@ def int8_weight_only_concat_linear(
         return int8_weight_only_concat_linear_reference(x, *first, *second, norm_weight, eps)
     x_rows = _rows(x, n_rows, n_in)
     if n_rows == 1:
-        norm = None if norm_weight is None else (norm_weight, eps)
-        out = _gemv(x_rows, first, second, norm=norm)
+        out = _gemv(x_rows, first, second, norm_weight=norm_weight, eps=eps)
     else:
         x_rows = _block_input(x_rows, None, norm_weight, eps)
         out = torch.cat([_tiled_linear(x_rows, *first), _tiled_linear(x_rows, *second)], -1)
@@ -592,8 +592,15 @@ def int8_weight_only_swiglu(
         return int8_weight_only_swiglu_reference(x, *gate, *up, residual, norm_weight, eps)
     x_rows = _rows(x, n_rows, n_in)
     if n_rows == 1:
-        norm = None if norm_weight is None else (norm_weight, eps)
-        out = _gemv(x_rows, up, gate, gated=True, input_residual=residual, norm=norm)
+        out = _gemv(
+            x_rows,
+            up,
+            gate,
+            gated=True,
+            input_residual=residual,
+            norm_weight=norm_weight,
+            eps=eps,
+        )
     else:
         residual_rows = None if residual is None else residual.reshape(n_rows, n_in)
         x_rows = _block_input(x_rows, residual_rows, norm_weight, eps)
