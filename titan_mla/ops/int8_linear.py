@@ -13,9 +13,10 @@ the products are summed on the CUDA cores, with the row block, the inputs per st
 the pipeline stages autotuned per weight shape. It also reads two weights of one input in one
 launch: the SwiGLU's gate and up projections with silu(gate) * up as its epilogue
 (``int8_weight_only_swiglu``), or two outputs side by side (``int8_weight_only_concat_linear``:
-the attention's wq and wkv_a). Its prologue can add a residual row to the input and RMS-normalize
-it, its epilogue add the residual stream to the output: the block's norms and residual adds then
-need no launches of their own. Int8 weight-only's batch-1 decode runs every layer linear through it
+the attention's wq and wkv_a). It can add a residual row to the input as it reads it and
+RMS-normalize it (the 1/rms, one number per row, applied to the sums), and add the residual stream
+to the output in its epilogue: the block's norms and residual adds then need no launches of their
+own. Int8 weight-only's batch-1 decode runs every layer linear through it
 and only the output head through torchao's matmul (quantization.Int8WeightOnlyLinear); int8
 dynamic's through it for every linear.
 
@@ -62,7 +63,7 @@ _INTERPRETER_GEMV = (16, 1024, 8, 1)
 # 1-4 rows for many programs in flight, or stages that keep several steps of weight tiles in
 # flight per program (asynchronous copies: the loop has no dot, so the pipeliner takes its loads
 # only when asked through ``tl.range``). Every one builds for sm_90 without register spills in the
-# heaviest launches, two accumulators and the block's prologue (a test compiles them): pipelined
+# heaviest launches, two accumulators and the block's norm (a test compiles them): pipelined
 # tiles of more than 32 products per thread spill there, so none is a candidate.
 GEMV_CANDIDATES = (
     (1, 2048, 4, 1),
@@ -136,21 +137,13 @@ def _int8_gemv_kernel(
 
     So that the block's norms and residual adds need no launches of their own: INPUT_RESIDUAL,
     the input row is x + a residual row (rounded to x's dtype); NORM, it is RMS-normalized first
-    (weight norm_weight, as ops.rmsnorm computes it, rounded to x's dtype); OUTPUT_RESIDUAL 1, the
-    output (rounded to its dtype) plus a residual row, 2: plus (residual + update) rounded, the
-    residual stream after an update the kernel's input came from.
+    (weight norm_weight; kept in fp32, where ops.rmsnorm rounds its output to x's dtype);
+    OUTPUT_RESIDUAL 1, the output (rounded to its dtype) plus a residual row, 2: plus (residual +
+    update) rounded, the residual stream after an update the kernel's input came from.
     """
     row = tl.program_id(1)
     x_row = x_ptr + row * x_row_stride
     input_residual_row = input_residual_ptr + row * n_in
-    rstd = 1.0
-    if NORM:  # every program reads the whole (L2-resident) input row once more for its norm
-        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k in tl.range(0, K_END, BLOCK_K):
-            ks = k + tl.arange(0, BLOCK_K)
-            x = _input_chunk(x_row, input_residual_row, ks, ks < n_in, INPUT_RESIDUAL)
-            squares += x.to(tl.float32) * x.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(squares) / n_in + eps)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_out
     cols_64 = cols.to(tl.int64)
@@ -171,23 +164,29 @@ def _int8_gemv_kernel(
         )
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     gate_acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k in tl.range(0, K_END, BLOCK_K, num_stages=STAGES):
         ks = k + tl.arange(0, BLOCK_K)
         k_mask = ks < n_in
         mask = col_mask[:, None] & k_mask[None, :]
         x = _input_chunk(x_row, input_residual_row, ks, k_mask, INPUT_RESIDUAL)
-        if NORM:
-            norm_weight = tl.load(norm_weight_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
-            x = (x.to(tl.float32) * rstd * norm_weight).to(x_ptr.dtype.element_ty)
         x = x.to(tl.float32)
+        if NORM:
+            squares += x * x
+            x *= tl.load(norm_weight_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
         q = tl.load(weight_rows[:, None] + ks[None, :], mask=mask, other=0)
         acc += q.to(tl.float32) * x[None, :]
         if GATED:
             gate_q = tl.load(gate_rows[:, None] + ks[None, :], mask=mask, other=0)
             gate_acc += gate_q.to(tl.float32) * x[None, :]
-    y = tl.sum(acc, axis=1) * scale.to(tl.float32)
+    # The norm's 1/rms is one number per row: applied to the sums, it needs no pass over the
+    # input before the weights stream (a prologue pass made every launch wait for it).
+    rstd = 1.0
+    if NORM:
+        rstd = tl.rsqrt(tl.sum(squares) / n_in + eps)
+    y = tl.sum(acc, axis=1) * (scale.to(tl.float32) * rstd)
     if GATED:
-        gate = tl.sum(gate_acc, axis=1) * gate_scale
+        gate = tl.sum(gate_acc, axis=1) * (gate_scale * rstd)
         y = gate * tl.sigmoid(gate) * y
     y = y.to(out_ptr.dtype.element_ty)
     if OUTPUT_RESIDUAL > 0:
@@ -347,7 +346,7 @@ def int8_weight_only_linear_reference(
 
 def _plus_residual(x: Tensor, residual: Tensor | None, update: Tensor | None = None) -> Tensor:
     """x + residual, or x + (update + residual), each sum rounded to x's dtype as the model sums
-    its residual stream (what the kernel's prologue and epilogue compute)."""
+    its residual stream (what the kernel computes on its input and output)."""
     if residual is None:
         return x
     if update is not None:
@@ -358,9 +357,12 @@ def _plus_residual(x: Tensor, residual: Tensor | None, update: Tensor | None = N
 def _block_input(
     x: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps: float
 ) -> Tensor:
-    """x (+ residual, rounded to x's dtype), RMS-normalized as ops.rmsnorm's reference does."""
+    """x (+ residual, rounded to x's dtype), RMS-normalized as ops.rmsnorm's reference does but
+    left in float32 (float64 for float64 x), as the kernel multiplies it."""
     x = _plus_residual(x, residual)
-    return x if norm_weight is None else rms_norm_reference(x, norm_weight, eps)
+    if norm_weight is None:
+        return x
+    return rms_norm_reference(x.to(torch.promote_types(x.dtype, torch.float32)), norm_weight, eps)
 
 
 def int8_weight_only_swiglu_reference(
@@ -375,9 +377,9 @@ def int8_weight_only_swiglu_reference(
 ) -> Tensor:
     """silu(x @ gate^T) * (x @ up^T) of the dequantized weights, rounded once to x's dtype, of the
     block input made from x, ``residual`` and ``norm_weight`` (see int8_weight_only_swiglu)."""
-    x = _block_input(x, residual, norm_weight, eps)
-    gate = _dequantized_product(x, gate_qdata, gate_scale)
-    return (F.silu(gate) * _dequantized_product(x, up_qdata, up_scale)).to(x.dtype)
+    u = _block_input(x, residual, norm_weight, eps)
+    gate = _dequantized_product(u, gate_qdata, gate_scale)
+    return (F.silu(gate) * _dequantized_product(u, up_qdata, up_scale)).to(x.dtype)
 
 
 def int8_weight_only_concat_linear_reference(
@@ -391,9 +393,9 @@ def int8_weight_only_concat_linear_reference(
 ) -> Tensor:
     """x @ [first; second]^T of the dequantized weights, x first RMS-normalized with
     ``norm_weight`` (as ops.rmsnorm's reference computes it) when that is given."""
-    x = _block_input(x, None, norm_weight, eps)
-    first = int8_weight_only_linear_reference(x, first_qdata, first_scale)
-    return torch.cat([first, int8_weight_only_linear_reference(x, second_qdata, second_scale)], -1)
+    u = _block_input(x, None, norm_weight, eps)
+    first = _dequantized_product(u, first_qdata, first_scale)
+    return torch.cat([first, _dequantized_product(u, second_qdata, second_scale)], -1).to(x.dtype)
 
 
 def _rows(x: Tensor, n_rows: int, n_in: int) -> Tensor:
@@ -547,7 +549,7 @@ def int8_weight_only_concat_linear(
     input as one (the attention's query and latent projections), for at most MAX_ROWS rows of x;
     with ``norm_weight`` (in,), of x RMS-normalized first (the block's attention norm, whose
     output only these two linears read). One row reads both weights in one matrix-vector launch,
-    the norm in its prologue; more rows take the tensor-core kernel per weight."""
+    the norm folded in; more rows take the tensor-core kernel per weight."""
     first, second = (first_qdata, first_scale), (second_qdata, second_scale)
     n_rows, n_in = _check("int8_weight_only_concat_linear", x, first, second)
     _check_block_input("int8_weight_only_concat_linear", x, None, norm_weight)
@@ -557,7 +559,7 @@ def int8_weight_only_concat_linear(
     if n_rows == 1:
         out = _gemv(x_rows, first, second, norm_weight=norm_weight, eps=eps)
     else:
-        x_rows = _block_input(x_rows, None, norm_weight, eps)
+        x_rows = _block_input(x_rows, None, norm_weight, eps).to(x.dtype)  # the MMA's input
         out = torch.cat([_tiled_linear(x_rows, *first), _tiled_linear(x_rows, *second)], -1)
     return out.reshape(*x.shape[:-1], -1)
 
@@ -577,7 +579,7 @@ def int8_weight_only_swiglu(
     from int8 gate (w1) and up (w3) weights of the same shape, for at most MAX_ROWS rows of x. The
     input u is x, or x + ``residual`` (..., in) rounded to x's dtype, RMS-normalized with
     ``norm_weight`` (in,) when that is given: the block's residual add and FFN norm. One row reads
-    both weights in one matrix-vector launch, with the sum and the norm in its prologue and the
+    both weights in one matrix-vector launch, the sum and the norm folded into its pass and the
     product as its epilogue (the gate and up outputs never go to memory); more rows take the
     tensor-core kernel per weight."""
     gate, up = (gate_qdata, gate_scale), (up_qdata, up_scale)
@@ -603,6 +605,6 @@ def int8_weight_only_swiglu(
         )
     else:
         residual_rows = None if residual is None else residual.reshape(n_rows, n_in)
-        x_rows = _block_input(x_rows, residual_rows, norm_weight, eps)
+        x_rows = _block_input(x_rows, residual_rows, norm_weight, eps).to(x.dtype)
         out = F.silu(_tiled_linear(x_rows, *gate)) * _tiled_linear(x_rows, *up)
     return out.reshape(*x.shape[:-1], -1)

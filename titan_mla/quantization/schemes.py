@@ -120,8 +120,8 @@ class FusedQuantizedModule:
 class Int8WeightOnlySwiGLU(FusedQuantizedModule, SwiGLU):
     """A SwiGLU whose w1, w3 and w2 torchao quantized with ``Int8WeightOnlyConfig``: up to
     MAX_ROWS rows (decode) take ``titan_mla::int8_weight_only_swiglu``, at one row a single pass
-    over both int8 weights with the block's residual add and FFN norm (when given) in its prologue
-    and silu(w1 x) * (w3 x) as its epilogue, then w2 through ``titan_mla::int8_weight_only_linear``
+    over both int8 weights with the block's residual add and FFN norm (when given) folded in and
+    silu(w1 x) * (w3 x) as its epilogue, then w2 through ``titan_mla::int8_weight_only_linear``
     with the residual stream added in its epilogue: a block's second half in two launches. More
     rows (prefill) take torchao's matmuls as the plain SwiGLU does."""
 
@@ -147,7 +147,7 @@ class Int8WeightOnlySwiGLU(FusedQuantizedModule, SwiGLU):
 class Int8WeightOnlyMLA(FusedQuantizedModule, MultiHeadLatentAttention):
     """MLA whose wq and wkv_a torchao quantized with ``Int8WeightOnlyConfig``: for one row (batch-1
     decode) both read the same input in one launch, ``titan_mla::int8_weight_only_concat_linear``,
-    with the block's attention norm, when given, in its prologue (two small weights and a norm:
+    with the block's attention norm, when given, folded in (two small weights and a norm:
     each alone is mostly launch and ramp-up time); other inputs take each as usual."""
 
     fused_linears = ("wq", "wkv_a")
