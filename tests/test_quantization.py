@@ -10,6 +10,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import weakref
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,34 @@ def test_quantized_model_through_engine_and_compile_matches_its_forward(referenc
     for position in range(16, 20):
         logits.append(engine.decode(sequence[:, position : position + 1], [0])[0])
     assert relative_error(torch.cat(logits), expected) < 1e-5
+
+
+def test_each_variant_starts_without_the_earlier_variants_models(monkeypatch, reference_decode):
+    """Peak memory is each variant's own: when a variant's copy is quantized, no earlier copy
+    (held by its compiled decode step, with its cache) is alive."""
+    monkeypatch.setattr(
+        ablate,
+        "compile_decode_step",
+        lambda engine, mode: compile_decode_step(engine, backend="aot_eager", fullgraph=True),
+    )
+    earlier_models = []
+    quantize = ablate.quantize_model
+
+    def quantize_first_alone(model, *args, **kwargs):
+        assert [model() for model in earlier_models] == [None] * len(earlier_models)
+        earlier_models.append(weakref.ref(model))
+        return quantize(model, *args, **kwargs)
+
+    monkeypatch.setattr(ablate, "quantize_model", quantize_first_alone)
+    settings = ablate.Settings(
+        eval_tokens=64, eval_seq_len=32, eval_batch=1, prefill_len=16, decode_batches=(1,),
+        decode_context=8, decode_steps=2, repeats=1, cuda_graph=False,
+    )  # fmt: skip
+    base, device = tiny_model(), torch.device("cpu")
+    for name in ("bf16", "int8_weight_only", "bf16"):
+        variant = parse_variant(name, device)
+        ablate.measure_variant(base, variant, tokens(64), settings, device, log=lambda _: None)
+    assert len(earlier_models) == 3
 
 
 def test_unknown_and_unsupported_schemes_are_clear_errors():
