@@ -79,8 +79,8 @@ def test_swiglu_matches_float64(device, dtype, rows, n_out, n_in):
     weights = (gate_qdata, gate_scale, up_qdata, up_scale)
     residual = torch.randn(rows, n_in, generator=generator).to(device, dtype)
     norm_weight = (torch.rand(n_in, generator=generator) + 0.5).to(device, dtype)
-    # Plain, and the block's second half: the residual added in the prologue and rounded to x's
-    # dtype as the model rounds it, then normalized (the float64 products take that input).
+    # Plain, and the block's second half: the residual added and rounded to x's dtype as the
+    # model rounds it, then normalized (the float64 products take that input).
     block_input = rms_norm_reference((x + residual).to(dtype).double(), norm_weight, 1e-5)
     for args, u in (((), x), ((residual, norm_weight, 1e-5), block_input)):
         ours = int8_weight_only_swiglu(x, *weights, *args)

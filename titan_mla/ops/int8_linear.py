@@ -16,9 +16,9 @@ launch: the SwiGLU's gate and up projections with silu(gate) * up as its epilogu
 the attention's wq and wkv_a). It can add a residual row to the input as it reads it and
 RMS-normalize it (the 1/rms, one number per row, applied to the sums), and add the residual stream
 to the output in its epilogue: the block's norms and residual adds then need no launches of their
-own. Int8 weight-only's batch-1 decode runs every layer linear through it
-and only the output head through torchao's matmul (quantization.Int8WeightOnlyLinear); int8
-dynamic's through it for every linear.
+own. Int8 weight-only's batch-1 decode runs every layer linear through it and only the output head
+through torchao's matmul (quantization.Int8WeightOnlyLinear); int8 dynamic's through it for every
+linear.
 
 Why our own kernel: for torchao's int8 matmul at 32 rows, Inductor calls ATen's fp32-loop
 ``_weight_int8pack_mm`` on the GPU (0.8 ms for 2048 x 8192 on H100, 100x the bf16 matmul).
