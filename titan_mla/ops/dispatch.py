@@ -19,6 +19,12 @@ from torch._subclasses.functional_tensor import FunctionalTensor
 KERNELS_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def reference_dtype(x: Tensor) -> torch.dtype:
+    """The PyTorch references' compute dtype: float32, or float64 for float64 inputs (so the
+    references can serve as float64 ground truth)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def runs_triton(x: Tensor) -> bool:
     """Whether an op body given ``x`` launches its Triton kernels (else: the PyTorch reference).
 

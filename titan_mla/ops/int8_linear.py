@@ -32,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.nn import functional as F
 
-from .dispatch import KERNELS_INTERPRETED, runs_triton
+from .dispatch import KERNELS_INTERPRETED, reference_dtype, runs_triton
 from .rmsnorm import rms_norm_reference
 
 MAX_ROWS = 64  # the kernel's largest row tile; more rows are a GEMM for the usual libraries
@@ -327,7 +327,7 @@ def _check_block_input(
 
 def _dequantized_product(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
     """x @ dequantized weight^T in float32 (or x's wider dtype)."""
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    compute = reference_dtype(x)
     weight = qdata.to(compute) * scale.reshape(-1, 1).to(compute)
     return x.to(compute) @ weight.t()
 
@@ -362,7 +362,7 @@ def _block_input(
     x = _plus_residual(x, residual)
     if norm_weight is None:
         return x
-    return rms_norm_reference(x.to(torch.promote_types(x.dtype, torch.float32)), norm_weight, eps)
+    return rms_norm_reference(x.to(reference_dtype(x)), norm_weight, eps)
 
 
 def int8_weight_only_swiglu_reference(

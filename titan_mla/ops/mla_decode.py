@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .dispatch import runs_triton
+from .dispatch import reference_dtype, runs_triton
 
 FP8_E4M3_MAX = 448.0
 DEFAULT_FP8_GROUP_SIZE = 128
@@ -938,7 +938,7 @@ def mla_decode_reference(
     """PyTorch absorbed MLA decode with the op's semantics (the CPU branch): gathers each
     sequence's pages, dequantizes a float8 cache, masked softmax in float32 (float64 for float64
     queries). Memory: the gathered cache of batch x max_pages x page_size tokens in that dtype."""
-    dtype = torch.promote_types(q_latent.dtype, torch.float32)
+    dtype = reference_dtype(q_latent)
     batch, q_len, _, latent_dim = q_latent.shape
     max_pages = block_table.shape[1]
     page_size = latent_cache.shape[1]

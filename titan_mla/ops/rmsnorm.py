@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
-from .dispatch import runs_triton
+from .dispatch import reference_dtype, runs_triton
 
 MAX_HIDDEN_SIZE = 16384
 # Backward programs per SM: each loops over a contiguous chunk of rows and keeps one dweight partial.
@@ -285,19 +285,14 @@ def _rms_norm_backward(
     return grad_x.view(x.shape), grad_weight
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """float32, or float64 for float64 inputs (so references can serve as float64 ground truth)."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 def _reference_rstd(x: Tensor, eps: float) -> Tensor:
-    x = x.to(_compute_dtype(x))
+    x = x.to(reference_dtype(x))
     return torch.rsqrt(x.pow(2).mean(dim=-1) + eps)
 
 
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """PyTorch RMSNorm with the kernels' numerics: float32 math (float64 for float64 input)."""
-    dtype = _compute_dtype(x)
+    dtype = reference_dtype(x)
     y = x.to(dtype) * _reference_rstd(x, eps).unsqueeze(-1) * weight.to(dtype)
     return y.to(x.dtype)
 
@@ -313,7 +308,7 @@ def rms_norm_add_reference(
 def _reference_backward(
     grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, grad_residual: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    dtype = _compute_dtype(x)
+    dtype = reference_dtype(x)
     rstd = rstd.unsqueeze(-1).to(dtype)
     x_hat = x.to(dtype) * rstd
     grad_y = grad_y.to(dtype)
