@@ -4,10 +4,11 @@ cache vs the PyTorch reference, eager and compiled, against the device's copy ba
 Shapes: (batch, context, heads) = (128, 4096, 16), (128, 4096, 128), (64, 8192, 16) with lengths
 uniform in [context / 2, context], and (1, 65536, 16), (1, 1048576, 16); q_len 1, page size 64,
 kv_lora_rank 512, rope 64, pages shuffled in one pool. GB/s as FlashMLA counts it: every cached
-token read once (bf16: 576 x 2 bytes; fp8: 512 + 4 x 4 scale + 64 x 2 rope bytes) plus q and out
-bytes; TFLOP/s = 2 x heads x tokens x (512 + 64 + 512) / time. Every variant is checked against
+token read once (bf16: 576 x 2 bytes; fp8: 512 + 4 (per-token scale) or 4 x 4 (per-128 scales)
++ 64 x 2 rope bytes) plus q and out bytes; TFLOP/s = 2 x heads x tokens x (512 + 64 + 512) / time. Every variant is checked against
 the reference before it is timed, and timed as CUDA-graph replays of 10 back-to-back calls (a
-decode step's launch path; the copy bandwidth is timed eagerly, see copy_bandwidth). Writes
+decode step's launch path; the 1 GiB copy bandwidth is timed eagerly, see copy_bandwidth; a copy
+of each 16-head case's bf16 bytes is timed like the kernels, as that size's ceiling). Writes
 benchmarks/results/mla_decode-<gpu>.json (+ .md) or --out.
 
     COMMIT=$(git rev-parse HEAD) python benchmarks/bench_mla_decode.py --out benchmarks/results
@@ -33,12 +34,14 @@ from pathlib import Path
 import torch
 import triton
 import triton.testing
+from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import graph_time_ms, relative_error, write_result
 from titan_mla.ops.mla_decode import (
     DecodeConfig,
+    cache_kind,
     mla_decode,
     mla_decode_reference,
     mla_decode_triton,
@@ -46,7 +49,10 @@ from titan_mla.ops.mla_decode import (
     tuning_key,
 )
 
-LATENT_DIM, ROPE_DIM, PAGE_SIZE, FP8_GROUP_SIZE = 512, 64, 64, 128
+LATENT_DIM, ROPE_DIM, PAGE_SIZE = 512, 64, 64
+# Cache formats by fp8 scale groups per token: bf16 (0), fp8 with one scale per token (the
+# engine's fp8 default) and with one per 128 values.
+CACHE_FORMATS = {"bf16": 0, "fp8": 1, "fp8_g128": LATENT_DIM // 128}
 SOFTMAX_SCALE = (128 + ROPE_DIM) ** -0.5
 # The eager reference gathers the whole cache in fp32 and keeps scores per head: skip it past this.
 REFERENCE_MEMORY_LIMIT = 20 * 2**30
@@ -92,33 +98,28 @@ class Inputs:
     q_pe: torch.Tensor
     latent_cache: torch.Tensor  # bf16 view of the (pages, page, 576) pool
     k_pe_cache: torch.Tensor  # bf16 view of the same pool
-    latent_fp8: torch.Tensor
-    latent_scale: torch.Tensor
+    fp8_latents: dict[int, tuple[torch.Tensor, torch.Tensor]]  # scale groups -> (latent, scales)
     k_pe_fp8_side: torch.Tensor  # the rope part an fp8 engine keeps beside its fp8 latent
     block_table: torch.Tensor
     seq_lens: torch.Tensor
     tokens: int
 
-    def bf16_args(self) -> tuple:
+    def args(self, scale_groups: int) -> tuple:
+        """mla_decode_triton's positional arguments up to latent_scale, on the cache format with
+        ``scale_groups`` fp8 scales per token (0: the bf16 cache, latent_scale None)."""
+        if scale_groups == 0:
+            latent, k_pe, latent_scale = self.latent_cache, self.k_pe_cache, None
+        else:
+            (latent, latent_scale), k_pe = self.fp8_latents[scale_groups], self.k_pe_fp8_side
         return (
             self.q_latent,
             self.q_pe,
-            self.latent_cache,
-            self.k_pe_cache,
+            latent,
+            k_pe,
             self.block_table,
             self.seq_lens,
             SOFTMAX_SCALE,
-        )
-
-    def fp8_args(self) -> tuple:
-        return (
-            self.q_latent,
-            self.q_pe,
-            self.latent_fp8,
-            self.k_pe_fp8_side,
-            self.block_table,
-            self.seq_lens,
-            SOFTMAX_SCALE,
+            latent_scale,
         )
 
 
@@ -143,7 +144,6 @@ def make_inputs(shape: Shape, generator: torch.Generator) -> Inputs:
     pool = torch.randn(
         n_pages, PAGE_SIZE, LATENT_DIM + ROPE_DIM, generator=gpu_generator, device=device
     ).bfloat16()
-    latent_fp8, latent_scale = quantize_latent_fp8(pool[..., :LATENT_DIM], FP8_GROUP_SIZE)
     queries = torch.randn(
         shape.batch, 1, shape.heads, LATENT_DIM + ROPE_DIM, generator=gpu_generator, device=device
     ).bfloat16()
@@ -152,8 +152,11 @@ def make_inputs(shape: Shape, generator: torch.Generator) -> Inputs:
         q_pe=queries[..., LATENT_DIM:].contiguous(),
         latent_cache=pool[..., :LATENT_DIM],
         k_pe_cache=pool[..., LATENT_DIM:],
-        latent_fp8=latent_fp8,
-        latent_scale=latent_scale,
+        fp8_latents={
+            groups: quantize_latent_fp8(pool[..., :LATENT_DIM], LATENT_DIM // groups)
+            for groups in CACHE_FORMATS.values()
+            if groups
+        },
         k_pe_fp8_side=pool[..., LATENT_DIM:].contiguous(),
         block_table=block_table.to(device),
         seq_lens=seq_lens.to(device=device, dtype=torch.int32),
@@ -168,17 +171,17 @@ def reference_memory(shape: Shape) -> int:
     return cached * (LATENT_DIM + ROPE_DIM) * (2 + 4 + 4) + 3 * cached * shape.heads * 4
 
 
-def cache_row_bytes(fp8: bool) -> int:
-    """Bytes of one cached token: the latent (+ its group scales when fp8) and the bf16 rope key."""
-    if fp8:
-        return LATENT_DIM + 4 * (LATENT_DIM // FP8_GROUP_SIZE) + 2 * ROPE_DIM
+def cache_row_bytes(scale_groups: int) -> int:
+    """Bytes of one cached token: the latent (+ its scales when fp8) and the bf16 rope key."""
+    if scale_groups:
+        return LATENT_DIM + 4 * scale_groups + 2 * ROPE_DIM
     return 2 * (LATENT_DIM + ROPE_DIM)
 
 
-def bytes_moved(shape: Shape, tokens: int, fp8: bool) -> int:
+def bytes_moved(shape: Shape, tokens: int, scale_groups: int) -> int:
     """FlashMLA's count: cache rows read once, q read, out written (bf16)."""
     q_out_bytes = shape.batch * shape.heads * 2 * (LATENT_DIM + ROPE_DIM + LATENT_DIM)
-    return tokens * cache_row_bytes(fp8) + q_out_bytes
+    return tokens * cache_row_bytes(scale_groups) + q_out_bytes
 
 
 def flops(shape: Shape, tokens: int) -> int:
@@ -198,10 +201,9 @@ def copy_bandwidth(n_bytes: int) -> float:
 def tuning_candidates(key: tuple[str, int, bool], smoke: bool) -> list[DecodeConfig]:
     """The launch configurations --tune times for a TUNED_CONFIGS key (at most 12): tile shapes
     that compile for sm_90 without register spills and within shared memory (ptxas -v, checked by
-    hand; blocks of 16 rows fit 4 or 8 warps, blocks of 64 rows need 8 warps, at most 4 stages
-    for bf16 and 2 for fp8), each with the split heuristic aiming at a few programs per SM (fewer,
-    longer splits for long single sequences). 128 heads never split (the fp32 partials would cost
-    more than the cache), so there only the tile shape varies."""
+    hand), each with the split heuristic aiming at a few programs per SM (fewer, longer splits for
+    long single sequences). 128 heads never split (the fp32 partials would cost more than the
+    cache), so there only the tile shape varies."""
     kind, block_h, few_programs = key
     if block_h < 64:
         # (block_n, num_warps, num_stages, prefetch, fp8_grouped_dots)
@@ -218,19 +220,25 @@ def tuning_candidates(key: tuple[str, int, bool], smoke: bool) -> list[DecodeCon
                 (16, 8, 3, False, False),
                 (16, 4, 2, False, True),
             ],
+            "fp8_token": [
+                (64, 8, 3, False, False),
+                (64, 8, 2, False, False),
+                (32, 8, 3, False, False),
+                (32, 8, 4, False, False),
+            ],
         }[kind]
         programs_per_sm = [0.25, 1.0, 4.0] if few_programs else [2.0, 4.0, 8.0]
     else:
         tiles = {
             "bf16": [
+                (64, 8, 2, False, False),
                 (32, 8, 4, False, False),
                 (32, 8, 3, False, False),
                 (16, 8, 5, False, False),
-                (16, 8, 4, False, False),
-                (16, 8, 3, False, False),
             ],
             # Grouped dots spill from 32 rows on: not a candidate here.
             "fp8": [(32, 8, 2, False, False), (16, 8, 2, False, False)],
+            "fp8_token": [(32, 8, 3, False, False), (32, 8, 2, False, False)],
         }[kind]
         programs_per_sm = [4.0]
     if smoke:
@@ -243,19 +251,19 @@ def tuning_candidates(key: tuple[str, int, bool], smoke: bool) -> list[DecodeCon
 
 
 def tune(
-    shape: Shape, inputs: Inputs, fp8: bool, check: torch.Tensor, smoke: bool
+    shape: Shape, inputs: Inputs, scale_groups: int, check: torch.Tensor, smoke: bool
 ) -> tuple[tuple, dict[DecodeConfig, float]]:
-    """Time every candidate configuration (each checked against ``check``, the default
-    configuration's checked output); returns the TUNED_CONFIGS key and ms per candidate."""
+    """Time every candidate configuration on the cache format of ``scale_groups`` (each checked
+    against ``check``, the default configuration's checked output); returns the TUNED_CONFIGS key
+    and ms per candidate."""
     sm_count = torch.cuda.get_device_properties(DEVICE).multi_processor_count
-    key = tuning_key(shape.batch, shape.heads, fp8, sm_count)
-    args = inputs.fp8_args() if fp8 else inputs.bf16_args()
-    latent_scale = inputs.latent_scale if fp8 else None
+    key = tuning_key(shape.batch, shape.heads, cache_kind(scale_groups), sm_count)
+    args = inputs.args(scale_groups)
     timings = {}
     for config in tuning_candidates(key, smoke):
 
         def run(config=config) -> torch.Tensor:
-            return mla_decode_triton(*args, latent_scale, None, config)
+            return mla_decode_triton(*args, None, config)
 
         try:
             error = relative_error(run(), check)
@@ -301,22 +309,23 @@ def bench_shape(
     and the default heuristic's rows are kept beside them as triton_*_default."""
     generator = torch.Generator().manual_seed(shape.batch * shape.context + shape.heads)
     inputs = make_inputs(shape, generator)
-    bf16_args, fp8_args = inputs.bf16_args(), inputs.fp8_args()
-    latent_scale = inputs.latent_scale
+    bf16_args = inputs.args(0)[:-1]
 
-    def triton_variant(fp8: bool, config: DecodeConfig | None) -> Callable[[], torch.Tensor]:
-        args = fp8_args if fp8 else bf16_args
-        scale = latent_scale if fp8 else None
-        return lambda: mla_decode_triton(*args, scale, None, config)
+    def triton_variant(scale_groups: int, config: DecodeConfig | None) -> Callable[[], Tensor]:
+        *args, latent_scale = inputs.args(scale_groups)
+        if config is None:  # the custom op, as the engine calls it
+            return lambda: mla_decode(*args, latent_scale=latent_scale)
+        return lambda: mla_decode_triton(*args, latent_scale, None, config)
 
-    variants: dict[str, tuple[Callable[[], torch.Tensor], bool, DecodeConfig | None]] = {
-        "triton_bf16": (lambda: mla_decode(*bf16_args), False, None),
-        "triton_fp8": (lambda: mla_decode(*fp8_args, latent_scale=latent_scale), True, None),
+    # name -> (function, cache scale groups, config)
+    variants: dict[str, tuple[Callable[[], Tensor], int, DecodeConfig | None]] = {
+        f"triton_{name}": (triton_variant(groups, None), groups, None)
+        for name, groups in CACHE_FORMATS.items()
     }
-    ours_bf16 = variants["triton_bf16"][0]()
-    ours_fp8 = variants["triton_fp8"][0]()
-    fp8_error = relative_error(ours_fp8, ours_bf16)
-    assert fp8_error <= FP8_VS_BF16_TOLERANCE, (shape, fp8_error)
+    ours = {groups: variants[f"triton_{name}"][0]() for name, groups in CACHE_FORMATS.items()}
+    for groups, out in ours.items():
+        fp8_error = relative_error(out, ours[0])
+        assert fp8_error <= FP8_VS_BF16_TOLERANCE, (shape, groups, fp8_error)
 
     if reference_memory(shape) > REFERENCE_MEMORY_LIMIT:
         notes.append(
@@ -325,34 +334,48 @@ def bench_shape(
         )
     else:
         reference = mla_decode_reference(*bf16_args)
-        assert relative_error(ours_bf16, reference) <= TOLERANCE, shape
-        fp8_reference = mla_decode_reference(*fp8_args, latent_scale)
-        assert relative_error(ours_fp8, fp8_reference) <= FP8_TOLERANCE, shape
-        del fp8_reference
+        assert relative_error(ours[0], reference) <= TOLERANCE, shape
+        for groups, out in ours.items():
+            if groups:
+                fp8_reference = mla_decode_reference(*inputs.args(groups))
+                assert relative_error(out, fp8_reference) <= FP8_TOLERANCE, (shape, groups)
+                del fp8_reference
         compiled_reference = torch.compile(mla_decode_reference, dynamic=False)
         compiled_out = compiled_reference(*bf16_args)
         assert relative_error(compiled_out, reference) <= COMPILED_TOLERANCE, shape
-        variants["torch_reference_eager"] = (lambda: mla_decode_reference(*bf16_args), False, None)
-        variants["torch_reference_compiled"] = (
-            lambda: compiled_reference(*bf16_args),
-            False,
-            None,
-        )
+        variants["torch_reference_eager"] = (lambda: mla_decode_reference(*bf16_args), 0, None)
+        variants["torch_reference_compiled"] = (lambda: compiled_reference(*bf16_args), 0, None)
 
     if tuning is not None:
         # Other configurations must agree with the checked default ones.
-        for fp8, check in ((False, ours_bf16), (True, ours_fp8)):
-            key, timings = tune(shape, inputs, fp8, check, smoke)
+        for name, groups in CACHE_FORMATS.items():
+            key, timings = tune(shape, inputs, groups, ours[groups], smoke)
             tuning.setdefault(key, []).append(timings)
             best = min(timings, key=timings.get)
-            impl = f"triton_{'fp8' if fp8 else 'bf16'}"
-            variants[f"{impl}_default"] = variants[impl]
-            variants[impl] = (triton_variant(fp8, best), fp8, best)
+            variants[f"triton_{name}_default"] = variants[f"triton_{name}"]
+            variants[f"triton_{name}"] = (triton_variant(groups, best), groups, best)
 
     rows = []
-    for impl, (fn, fp8, config) in variants.items():
+    if shape.heads == 16:
+        # The same bytes moved by a copy launched the same way (read half, write half): the
+        # ceiling at this size, where launch, ramp and tail weigh more than at 1 GiB.
+        source = torch.empty(bytes_moved(shape, inputs.tokens, 0) // 2, dtype=torch.uint8)
+        source, target = source.to(DEVICE), torch.empty_like(source, device=DEVICE)
+        copy_ms = graph_time_ms(lambda: target.copy_(source), GRAPH_CALLS)
+        same_size_gbps = 2 * source.numel() / copy_ms / 1e6
+        rows.append(
+            {
+                "case": shape.case,
+                "impl": "torch_copy_same_bytes",
+                "metric": "GB/s",
+                "value": same_size_gbps,
+            }
+        )
+        print(f"{shape.case:24s} {'torch_copy_same_bytes':26s} {same_size_gbps:7.0f} GB/s")
+        del source, target
+    for impl, (fn, groups, config) in variants.items():
         ms = graph_time_ms(fn, GRAPH_CALLS)
-        gbps = bytes_moved(shape, inputs.tokens, fp8) / ms / 1e6
+        gbps = bytes_moved(shape, inputs.tokens, groups) / ms / 1e6
         tflops = flops(shape, inputs.tokens) / ms / 1e9
         extra = {} if config is None else {"config": repr(config)}
         rows += [
@@ -410,8 +433,19 @@ def main() -> None:
         "decode_bf16_frac_of_copy_bw": min(
             value(rows, case, "triton_bf16", "GB/s") / copy_gbps for case in memory_bound
         ),
+        # The same bytes copied the same way (CUDA graph of 10 calls), per case.
+        "decode_bf16_frac_of_same_size_copy": min(
+            value(rows, case, "triton_bf16", "GB/s")
+            / value(rows, case, "torch_copy_same_bytes", "GB/s")
+            for case in memory_bound
+        ),
+        # fp8: the engine's default format (one scale per token), then per-128 groups.
         "decode_fp8_speedup_vs_bf16": min(
             value(rows, case, "triton_bf16", "ms") / value(rows, case, "triton_fp8", "ms")
+            for case in memory_bound
+        ),
+        "decode_fp8_g128_speedup_vs_bf16": min(
+            value(rows, case, "triton_bf16", "ms") / value(rows, case, "triton_fp8_g128", "ms")
             for case in memory_bound
         ),
         "decode_h128_tflops": value(rows, h128, "triton_bf16", "TFLOP/s"),

@@ -156,10 +156,12 @@ def test_cache_sizes_for_a_million_tokens():
     kwargs = dict(max_tokens=2**20, device="meta")
     bf16 = PagedLatentCache.for_model(args, **kwargs)
     fp8 = PagedLatentCache.for_model(args, fp8=True, **kwargs)
+    fp8_groups = PagedLatentCache.for_model(args, fp8=True, fp8_group_size=128, **kwargs)
     assert bf16.bytes_per_token == 16 * (512 + 64) * 2
-    assert fp8.bytes_per_token == 16 * (512 + 4 * 4 + 64 * 2)
+    assert fp8.bytes_per_token == 16 * (512 + 4 + 64 * 2)  # one scale per token by default
+    assert fp8_groups.bytes_per_token == 16 * (512 + 4 * 4 + 64 * 2)
     assert bf16.nbytes / 2**30 == pytest.approx(18.0, rel=1e-3)  # + the null page
-    assert fp8.nbytes / 2**30 == pytest.approx(10.25, rel=1e-3)
+    assert fp8.nbytes / 2**30 == pytest.approx(10.06, rel=1e-3)
     budget = PagedLatentCache.for_model(args, memory_gib=18.0, device="meta")
     assert budget.capacity_tokens == 2**20
 

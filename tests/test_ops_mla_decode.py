@@ -374,21 +374,29 @@ def test_default_config_reads_the_tuned_table(monkeypatch):
     }
     monkeypatch.setattr(mla_decode_module, "TUNED_CONFIGS", table)
     config = mla_decode_module.default_config
-    # (batch, n_rows, q dtype, fp8 cache, SMs): batch x head groups <= SMs / 8 is "few programs".
-    assert config(128, 16, torch.bfloat16, False, 132) == table["bf16", 16, False]
-    assert config(1, 16, torch.bfloat16, False, 132) == table["bf16", 16, True]
-    assert config(128, 128, torch.bfloat16, False, 132) == table["bf16", 64, False]
-    assert config(17, 16, torch.bfloat16, False, 132) == table["bf16", 16, False]
-    assert config(16, 16, torch.bfloat16, False, 132) == table["bf16", 16, True]
+    # (batch, n_rows, q dtype, cache kind, SMs): batch x head groups <= SMs / 8 is "few programs".
+    assert config(128, 16, torch.bfloat16, "bf16", 132) == table["bf16", 16, False]
+    assert config(1, 16, torch.bfloat16, "bf16", 132) == table["bf16", 16, True]
+    assert config(128, 128, torch.bfloat16, "bf16", 132) == table["bf16", 64, False]
+    assert config(17, 16, torch.bfloat16, "bf16", 132) == table["bf16", 16, False]
+    assert config(16, 16, torch.bfloat16, "bf16", 132) == table["bf16", 16, True]
     # 128 sequences x 2 groups of 64 rows: many programs; 1 x 2 is few, without an entry: the
     # nearest block_h first (register budgets depend on it), then the program count.
-    assert config(1, 128, torch.bfloat16, False, 132) == table["bf16", 64, False]
+    assert config(1, 128, torch.bfloat16, "bf16", 132) == table["bf16", 64, False]
     # No fp8 entry for few programs: the fp8 one of the other count, with this call's block_h.
-    assert config(1, 32, torch.bfloat16, True, 132) == DecodeConfig(
+    assert config(1, 32, torch.bfloat16, "fp8", 132) == DecodeConfig(
         32, 16, 4, 2, prefetch=False, fp8_grouped_dots=True
     )
+    # Per-token fp8 scales are a kind of their own (see cache_kind); no entry: no fallback.
+    assert [mla_decode_module.cache_kind(groups) for groups in (0, 1, 4)] == [
+        "bf16",
+        "fp8_token",
+        "fp8",
+    ]
+    with pytest.raises(ValueError, match="no entry for a fp8_token cache"):
+        config(1, 16, torch.bfloat16, "fp8_token", 132)
     # fp32 (tests): small tiles whatever the table says.
-    assert config(1, 16, torch.float32, False, 132).block_n == 16
+    assert config(1, 16, torch.float32, "bf16", 132).block_n == 16
 
 
 def test_cpu_branch_follows_triton_interpret():
@@ -479,15 +487,16 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
     failures = []
     # Every distinct entry of the table (keys differing in program count often share one).
     for kind, config in sorted({(key[0], c) for key, c in m.TUNED_CONFIGS.items()}, key=repr):
-        fp8 = kind == "fp8"
+        scale_groups = {"bf16": 0, "fp8_token": 1, "fp8": 4}[kind]
+        fp8 = scale_groups > 0
         signature = {name: "*bf16" if name.endswith("_ptr") else "i32" for name in kernel.arg_names}
         signature.update(block_table_ptr="*i32", seq_lens_ptr="*i32", partial_out_ptr="*fp32",
                          partial_lse_ptr="*fp32", softmax_scale_log2="fp32")
         if fp8:
             signature.update(latent_cache_ptr="*fp8e4nv", latent_scale_ptr="*fp32")
         constants = dict(SINGLE_SPLIT=False, PAGE_SIZE=64, LATENT_DIM=512, ROPE_DIM=64,
-                         SCALE_GROUPS=4 if fp8 else 0,
-                         GROUP_LAYOUT=4 if fp8 and config.fp8_grouped_dots else 0,
+                         SCALE_GROUPS=scale_groups,
+                         GROUP_LAYOUT=4 if kind == "fp8" and config.fp8_grouped_dots else 0,
                          BLOCK_H=config.block_h,
                          BLOCK_N=config.block_n, FP32_DOTS=False,
                          PREFETCH=config.prefetch, USE_FOR_LOOP=True)

@@ -7,7 +7,8 @@ holds them for every layer; each sequence owns a row of the block table that lis
 order, so sequences of different lengths share memory without fragmentation, and the pages of a
 finished sequence go back to the free list.
 
-Storage is bf16/fp32, or FP8: the latent as float8 e4m3 with one fp32 scale per group of
+Storage is bf16/fp32, or FP8: the latent as float8 e4m3 with one fp32 scale per token (the
+default: the decode kernel's fastest fp8 path, see titan_mla.ops.mla_decode) or per group of
 ``fp8_group_size`` values of each token (the rotary key stays in the model dtype: it is small and
 sensitive to rounding).
 """
@@ -134,17 +135,18 @@ class PagedLatentCache:
         max_pages_per_seq: int | None = None,
         dtype: torch.dtype = torch.bfloat16,
         fp8: bool = False,
-        fp8_group_size: int = 128,
+        fp8_group_size: int | None = None,
         device: torch.device | str = "cpu",
     ):
-        if fp8 and kv_lora_rank % min(fp8_group_size, kv_lora_rank):
+        # None, or a group as wide as the latent (or wider): one scale per token.
+        fp8_group_size = min(fp8_group_size or kv_lora_rank, kv_lora_rank)
+        if fp8 and kv_lora_rank % fp8_group_size:
             raise ValueError(f"fp8_group_size={fp8_group_size} does not divide {kv_lora_rank}")
         self.n_layers, self.kv_lora_rank, self.rope_dim = n_layers, kv_lora_rank, rope_dim
         self.num_pages, self.page_size, self.max_seqs = num_pages, page_size, max_seqs
         self.max_pages_per_seq = max_pages_per_seq or num_pages
         self.dtype, self.fp8 = dtype, fp8
-        # A group as wide as the latent (or wider) means one scale per token.
-        self.fp8_group_size = min(fp8_group_size, kv_lora_rank)
+        self.fp8_group_size = fp8_group_size
         n_groups = kv_lora_rank // self.fp8_group_size if fp8 else 0
 
         # Zero-filled, so that what attention reads beyond a sequence's end is finite (masked
@@ -174,7 +176,7 @@ class PagedLatentCache:
         max_tokens_per_seq: int | None = None,
         dtype: torch.dtype = torch.bfloat16,
         fp8: bool = False,
-        fp8_group_size: int = 128,
+        fp8_group_size: int | None = None,
         device: torch.device | str = "cpu",
     ) -> PagedLatentCache:
         """A cache for ``args``' model sized by a token count or a memory budget (exactly one)."""
@@ -334,12 +336,12 @@ def cache_bytes_per_token(
     rope_dim: int,
     dtype: torch.dtype,
     fp8: bool,
-    fp8_group_size: int = 128,
+    fp8_group_size: int | None = None,
 ) -> int:
     """Bytes per cached token over all layers: the latent (1 byte per value plus a 4-byte scale per
-    group when FP8) and the rotary key in ``dtype``."""
+    group when FP8; ``fp8_group_size`` None: per token) and the rotary key in ``dtype``."""
     if fp8:
-        n_groups = kv_lora_rank // min(fp8_group_size, kv_lora_rank)
+        n_groups = kv_lora_rank // min(fp8_group_size or kv_lora_rank, kv_lora_rank)
         latent_bytes = kv_lora_rank + 4 * n_groups
     else:
         latent_bytes = kv_lora_rank * dtype.itemsize

@@ -155,11 +155,16 @@ def _load_tile(
     BLOCK_N: tl.constexpr,
 ):
     """Raw cache rows of the tokens [tile_begin, tile_begin + BLOCK_N) below split_end, on the
-    ``pages`` of _tile_pages: (latent, scales, k_pe (BLOCK_N, ROPE_DIM)), zeros past split_end.
-    The latent is (BLOCK_N, LATENT_DIM) with fp8 scales (BLOCK_N, SCALE_GROUPS), or in the grouped
-    layout (GROUP_LAYOUT > 0) (SCALE_GROUPS, BLOCK_N, group size) with scales (SCALE_GROUPS,
-    BLOCK_N); scales are a (1, BLOCK_N) placeholder for a bf16/fp32 cache. Nothing past split_end
-    is read: unused pages may hold NaN."""
+    ``pages`` of _tile_pages: (latent, keys, scales, k_pe (BLOCK_N, ROPE_DIM)), zeros past
+    split_end. The latent is (BLOCK_N, LATENT_DIM) with fp8 scales (BLOCK_N, SCALE_GROUPS), or in
+    the grouped layout (GROUP_LAYOUT > 0) (SCALE_GROUPS, BLOCK_N, group size) with scales
+    (SCALE_GROUPS, BLOCK_N); scales are a (1, BLOCK_N) placeholder for a bf16/fp32 cache. keys:
+    with per-token fp8 scales, the same latent loaded a second time, transposed (LATENT_DIM,
+    BLOCK_N), else a placeholder. An 8-bit tile has no transposed shared-memory read, so the key
+    product's transpose would happen in registers after the load, which keeps the load out of
+    Triton's software pipeline; two loads (the second mostly from L2) each take a shared-memory
+    layout of their own, and both are pipelined. Nothing past split_end is read: unused pages may
+    hold NaN."""
     positions = tile_begin + tl.arange(0, BLOCK_N)
     in_split = positions < split_end
     slots = positions % PAGE_SIZE
@@ -170,6 +175,14 @@ def _load_tile(
         mask=_per_row(in_split, GROUP_LAYOUT),
         other=0.0,
     )
+    if SCALE_GROUPS == 1:
+        keys = tl.load(
+            latent_cache_ptr + latent_rows[None, :] + tl.arange(0, LATENT_DIM)[:, None],
+            mask=in_split[None, :],
+            other=0.0,
+        )
+    else:
+        keys = tl.zeros((1, BLOCK_N), tl.float32)
     k_pe_rows = k_pe_cache_ptr + pages * k_pe_stride_page + slots * k_pe_stride_token
     k_pe = tl.load(
         k_pe_rows[:, None] + tl.arange(0, ROPE_DIM)[None, :], mask=in_split[:, None], other=0.0
@@ -189,7 +202,7 @@ def _load_tile(
         )
     else:
         scales = tl.zeros((1, BLOCK_N), tl.float32)
-    return latent, scales, k_pe
+    return latent, keys, scales, k_pe
 
 
 @triton.jit
@@ -200,6 +213,7 @@ def _attend_tile(
     q_latent,
     q_pe,
     latent,
+    keys,
     scales,
     k_pe,
     max_score,
@@ -214,29 +228,35 @@ def _attend_tile(
     """Online-softmax update of (max_score, denominator, acc) with the tile of _load_tile at
     tile_begin; scores in base 2.
 
-    An fp8 tile, two ways. Grouped dots (GROUP_LAYOUT > 0): the tile is never dequantized element
-    by element, only converted to q's dtype (exact: every e4m3 value is a bf16/fp16 value); its
-    scales, one per (group, token), go to the small operands instead: each group's partial scores
-    are scaled before they are summed, and the softmax weights are scaled per group before the
-    value product, both batched over groups (3-d dots: no wgmma, more registers). Otherwise the
-    tile is dequantized in registers (fp32 products rounded to q's dtype) for 2-d dots.
+    An fp8 tile is only converted to q's dtype (exact: every e4m3 value is a bf16/fp16 value) when
+    its scales can go to the small operands instead. Per-token scales (SCALE_GROUPS 1): each
+    token's scale multiplies its latent score and its softmax weight before the value product;
+    2-d dots, so only a conversion sits between the (pipelined) loads and the tensor cores, and
+    the key product reads _load_tile's transposed copy of the tile. Grouped dots
+    (GROUP_LAYOUT > 0): the same per (group, token), batched over groups (3-d dots: no wgmma,
+    more registers). Otherwise the tile is dequantized in registers (fp32 products rounded to q's
+    dtype) for 2-d dots.
     """
     dot_dtype: tl.constexpr = q_pe.dtype
-    if GROUP_LAYOUT == 0 and SCALE_GROUPS > 0:
+    if GROUP_LAYOUT == 0 and SCALE_GROUPS > 1:
         latent_dim: tl.constexpr = latent.shape[1]
         grouped = tl.reshape(
             latent.to(tl.float32), (BLOCK_N, SCALE_GROUPS, latent_dim // SCALE_GROUPS)
         )
         latent = tl.reshape(grouped * scales[:, :, None], (BLOCK_N, latent_dim))
-    latent = latent.to(dot_dtype)
+    values = latent.to(dot_dtype)
     scores = tl.zeros((q_pe.shape[0], BLOCK_N), tl.float32)
     if GROUP_LAYOUT > 0:
         # (groups, rows, group size) @ (groups, group size, tokens) -> per-group scores.
         group_scores = tl.zeros((SCALE_GROUPS, q_pe.shape[0], BLOCK_N), tl.float32)
-        group_scores = _dot(q_latent, tl.permute(latent, (0, 2, 1)), group_scores, FP32_DOTS)
+        group_scores = _dot(q_latent, tl.permute(values, (0, 2, 1)), group_scores, FP32_DOTS)
         scores += tl.sum(group_scores * scales[:, None, :], axis=0)
+    elif SCALE_GROUPS == 1:
+        scores = _dot(q_latent, keys.to(dot_dtype), scores, FP32_DOTS)
+        token_scales = tl.reshape(scales, (1, BLOCK_N))
+        scores *= token_scales
     else:
-        scores = _dot(q_latent, tl.trans(latent), scores, FP32_DOTS)
+        scores = _dot(q_latent, tl.trans(values), scores, FP32_DOTS)
     scores = _dot(q_pe, tl.trans(k_pe.to(dot_dtype)), scores, FP32_DOTS)
     positions = tile_begin + tl.arange(0, BLOCK_N)
     visible = (positions[None, :] <= row_limit[:, None]) & (positions < split_end)[None, :]
@@ -250,9 +270,11 @@ def _attend_tile(
     acc = acc * _per_row(alpha, GROUP_LAYOUT)
     if GROUP_LAYOUT > 0:
         scaled_p = (p[None, :, :] * scales[:, None, :]).to(dot_dtype)
-        acc = _dot(scaled_p, latent, acc, FP32_DOTS)
+        acc = _dot(scaled_p, values, acc, FP32_DOTS)
+    elif SCALE_GROUPS == 1:
+        acc = _dot((p * token_scales).to(dot_dtype), values, acc, FP32_DOTS)
     else:
-        acc = _dot(p.to(dot_dtype), latent, acc, FP32_DOTS)
+        acc = _dot(p.to(dot_dtype), values, acc, FP32_DOTS)
     return new_max, denominator, acc
 
 
@@ -264,6 +286,7 @@ def _decode_step(
     q_latent,
     q_pe,
     latent,
+    keys,
     scales,
     k_pe,
     pages,
@@ -302,11 +325,11 @@ def _decode_step(
     stage it (the carried tile is unused).
     """
     if PREFETCH:
-        current_latent, current_scales, current_k_pe = latent, scales, k_pe
+        current_latent, current_keys, current_scales, current_k_pe = latent, keys, scales, k_pe
         load_begin = tile_begin + BLOCK_N
     else:
         load_begin = tile_begin
-    latent, scales, k_pe = _load_tile(
+    latent, keys, scales, k_pe = _load_tile(
         load_begin,
         split_end,
         pages,
@@ -328,7 +351,7 @@ def _decode_step(
     )
     pages = _tile_pages(load_begin + BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE, BLOCK_N)
     if not PREFETCH:
-        current_latent, current_scales, current_k_pe = latent, scales, k_pe
+        current_latent, current_keys, current_scales, current_k_pe = latent, keys, scales, k_pe
     max_score, denominator, acc = _attend_tile(
         tile_begin,
         split_end,
@@ -336,6 +359,7 @@ def _decode_step(
         q_latent,
         q_pe,
         current_latent,
+        current_keys,
         current_scales,
         current_k_pe,
         max_score,
@@ -347,7 +371,7 @@ def _decode_step(
         BLOCK_N,
         FP32_DOTS,
     )
-    return max_score, denominator, acc, latent, scales, k_pe, pages
+    return max_score, denominator, acc, latent, keys, scales, k_pe, pages
 
 
 @triton.jit
@@ -438,7 +462,7 @@ def _mla_decode_split_kernel(
         acc = tl.zeros((BLOCK_H, LATENT_DIM), tl.float32)
     block_table_row_ptr = block_table_ptr + batch64 * block_table_stride_batch
     pages = _tile_pages(split_begin, split_end, block_table_row_ptr, PAGE_SIZE, BLOCK_N)
-    latent, scales, k_pe = _load_tile(
+    latent, keys, scales, k_pe = _load_tile(
         split_begin,
         split_end,
         pages,
@@ -466,13 +490,14 @@ def _mla_decode_split_kernel(
     # interpreter, which cannot run range() over runtime bounds with numpy >= 2.4.
     if USE_FOR_LOOP:
         for tile_begin in range(split_begin, split_end, BLOCK_N):
-            max_score, denominator, acc, latent, scales, k_pe, pages = _decode_step(
+            max_score, denominator, acc, latent, keys, scales, k_pe, pages = _decode_step(
                 tile_begin,
                 split_end,
                 row_limit,
                 q_latent,
                 q_pe,
                 latent,
+                keys,
                 scales,
                 k_pe,
                 pages,
@@ -502,13 +527,14 @@ def _mla_decode_split_kernel(
     else:
         tile_begin = split_begin
         while tile_begin < split_end:
-            max_score, denominator, acc, latent, scales, k_pe, pages = _decode_step(
+            max_score, denominator, acc, latent, keys, scales, k_pe, pages = _decode_step(
                 tile_begin,
                 split_end,
                 row_limit,
                 q_latent,
                 q_pe,
                 latent,
+                keys,
                 scales,
                 k_pe,
                 pages,
@@ -642,38 +668,51 @@ class DecodeConfig:
 # page ids read one tile ahead (kernel time, L2 flushed; benchmarks/NOTES.md): 32-token tiles, 4
 # warps, 3 stages are best or within 2% of the best for one sequence of 128 to 1M tokens and for
 # batch 32 at 512 tokens; batch 128 x 4096 takes them with fewer splits (whole waves of programs).
-# 64 rows (128 heads): 4 stages, the most that fit shared memory with that read-ahead. fp8: the
-# --tune run at 16ed0bd (register prefetch, except at 64 rows, where that would spill).
+# 64 rows (128 heads): 64-token tiles, 2 stages (203 vs 171 TFLOP/s for 32-token tiles at 3 or 4
+# stages; benchmarks/results/raw/mla_decode_fp8_token_sweep-h100/). fp8 with group scales: the
+# --tune run at 16ed0bd (register prefetch, except at 64 rows, where that would spill). fp8 with
+# per-token scales: the same sweep (64-token tiles, 8 warps, 3 stages the fastest at every shape).
 TUNED_CONFIGS: dict[tuple[str, int, bool], DecodeConfig] = {
     ("bf16", 16, False): DecodeConfig(16, 32, 4, 3, prefetch=False, programs_per_sm=2.0),
     ("bf16", 16, True): DecodeConfig(16, 32, 4, 3, prefetch=False, programs_per_sm=1.0),
-    ("bf16", 64, False): DecodeConfig(64, 32, 8, 4, prefetch=False),
+    ("bf16", 64, False): DecodeConfig(64, 64, 8, 2, prefetch=False),
     ("fp8", 16, False): DecodeConfig(16, 32, 8, 1, prefetch=True, programs_per_sm=8.0),
     ("fp8", 16, True): DecodeConfig(16, 32, 8, 1, prefetch=True, programs_per_sm=1.0),
     ("fp8", 64, False): DecodeConfig(64, 32, 8, 2, prefetch=False),
+    ("fp8_token", 16, False): DecodeConfig(16, 64, 8, 3, prefetch=False, programs_per_sm=4.0),
+    ("fp8_token", 16, True): DecodeConfig(16, 64, 8, 3, prefetch=False, programs_per_sm=1.0),
+    ("fp8_token", 64, False): DecodeConfig(64, 32, 8, 3, prefetch=False),
 }
 
 
-def tuning_key(batch: int, n_rows: int, fp8_cache: bool, sm_count: int) -> tuple[str, int, bool]:
-    """The TUNED_CONFIGS key of a call: all rows of a sequence in one program up to 64, then
-    groups of 64 rows (128 heads: two programs per split, the second one mostly reading L2)."""
+def cache_kind(scale_groups: int) -> str:
+    """The cache's TUNED_CONFIGS kind from its fp8 scale groups per token (0: not fp8)."""
+    return {0: "bf16", 1: "fp8_token"}.get(scale_groups, "fp8")
+
+
+def tuning_key(batch: int, n_rows: int, kind: str, sm_count: int) -> tuple[str, int, bool]:
+    """The TUNED_CONFIGS key of a call on a ``kind`` cache (see cache_kind): all rows of a
+    sequence in one program up to 64, then groups of 64 rows (128 heads: two programs per split,
+    the second one mostly reading L2)."""
     block_h = min(64, max(16, triton.next_power_of_2(n_rows)))
     few_programs = 8 * batch * triton.cdiv(n_rows, block_h) <= sm_count
-    return ("fp8" if fp8_cache else "bf16", block_h, few_programs)
+    return (kind, block_h, few_programs)
 
 
 def default_config(
-    batch: int, n_rows: int, q_dtype: torch.dtype, fp8_cache: bool, sm_count: int
+    batch: int, n_rows: int, q_dtype: torch.dtype, kind: str, sm_count: int
 ) -> DecodeConfig:
     """Launch parameters for ``batch`` sequences of ``n_rows`` = q_len x heads query rows: the
     TUNED_CONFIGS entry of the call's key, else the tile shape of the same cache kind's entry with
     the nearest block_h (register budgets depend on it; the smaller on a tie), preferring the
     same program count, at this call's block_h. fp32 (for tests) takes small tiles that fit
     shared memory."""
-    kind, block_h, few_programs = tuning_key(batch, n_rows, fp8_cache, sm_count)
+    kind, block_h, few_programs = tuning_key(batch, n_rows, kind, sm_count)
     if q_dtype == torch.float32:
         return DecodeConfig(block_h, block_n=16, num_warps=8, num_stages=2, prefetch=False)
     candidates = [key for key in TUNED_CONFIGS if key[0] == kind]
+    if not candidates:
+        raise ValueError(f"TUNED_CONFIGS has no entry for a {kind} cache")
     nearest = min(
         candidates,
         key=lambda key: (abs(math.log2(key[1] / block_h)), key[2] != few_programs, key[1]),
@@ -808,7 +847,7 @@ def mla_decode_triton(
         else _INTERPRETER_SM_COUNT
     )
     if config is None:
-        config = default_config(batch, n_rows, q_latent.dtype, fp8_cache, sm_count)
+        config = default_config(batch, n_rows, q_latent.dtype, cache_kind(scale_groups), sm_count)
     if num_splits is None:
         latent_bytes = latent_dim * latent_cache.element_size() + 4 * scale_groups
         num_splits = default_num_splits(
@@ -877,7 +916,8 @@ def mla_decode_triton(
         LATENT_DIM=latent_dim,
         ROPE_DIM=rope_dim,
         SCALE_GROUPS=scale_groups,
-        GROUP_LAYOUT=scale_groups if config.fp8_grouped_dots else 0,
+        # One group (per-token scales) has its own 2-d way (see _attend_tile).
+        GROUP_LAYOUT=scale_groups if config.fp8_grouped_dots and scale_groups > 1 else 0,
         BLOCK_H=config.block_h,
         BLOCK_N=config.block_n,
         FP32_DOTS=q_latent.dtype == torch.float32 or q_latent.device.type == "cpu",
