@@ -321,10 +321,10 @@ def test_quantize_latent_fp8_round_trip():
     torch.manual_seed(11)
     latent = torch.randn(3, 5, 256) * torch.logspace(-3, 2, 256)
     latent[0, 0] = 0.0  # an all-zero token must not divide by zero
-    for group_size in (128, 256):
+    for group_size, groups in ((128, 2), (256, 1), (None, 1)):  # None: one scale per token
         quantized, scales = quantize_latent_fp8(latent, group_size)
         assert quantized.dtype == torch.float8_e4m3fn and scales.dtype == torch.float32
-        assert scales.shape == (3, 5, 256 // group_size)
+        assert scales.shape == (3, 5, groups)
         restored = dequantize_latent_fp8(quantized, scales, torch.float32)
         assert torch.equal(restored[0, 0], torch.zeros(256))
         # e4m3: 3 mantissa bits, relative step 2^-3 for normal values.

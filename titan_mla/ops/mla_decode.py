@@ -22,7 +22,8 @@ Signature (``mla_decode`` is the typed Python entry point)::
   layout) and pass ``pool[..., :kv_lora_rank]`` and ``pool[..., kv_lora_rank:]``.
 - ``latent_scale`` float32 (num_pages, page_size, kv_lora_rank // group_size): the dequantization
   scale of each group of ``group_size`` latent values of a float8 cache (``quantize_latent_fp8``
-  writes both); one group (last dimension 1) is a per-token scale. None for a bf16/fp32 cache.
+  writes both); one group (last dimension 1) is a per-token scale, the fastest fp8 format. None
+  for a bf16/fp32 cache.
 - ``block_table`` int32 (batch, max_pages_per_seq): page ids of each sequence, in order. Entries
   past a sequence's last page are never read, so they may hold anything.
 - ``seq_lens`` int32 (batch,): tokens cached per sequence, the q_len new ones included. A length
@@ -60,7 +61,6 @@ from torch import Tensor
 from .dispatch import reference_dtype, runs_triton
 
 FP8_E4M3_MAX = 448.0
-DEFAULT_FP8_GROUP_SIZE = 128
 MAX_Q_LEN = 4
 
 # Splits heuristic (the programs per SM it aims at are in DecodeConfig): at least this many
@@ -942,13 +942,13 @@ def mla_decode_triton(
     return out
 
 
-def quantize_latent_fp8(
-    latent: Tensor, group_size: int = DEFAULT_FP8_GROUP_SIZE
-) -> tuple[Tensor, Tensor]:
+def quantize_latent_fp8(latent: Tensor, group_size: int | None = None) -> tuple[Tensor, Tensor]:
     """(float8_e4m3fn latent, float32 scales) for a float8 cache: each group of ``group_size``
     consecutive values of the last dimension is divided by its absmax / 448. Scales have shape
-    (..., kv_lora_rank // group_size); group_size = kv_lora_rank gives one scale per token."""
+    (..., kv_lora_rank // group_size); group_size None (or kv_lora_rank) gives one scale per
+    token, the format with the fastest decode (see _attend_tile)."""
     latent_dim = latent.shape[-1]
+    group_size = group_size or latent_dim
     if latent_dim % group_size:
         raise ValueError(f"kv_lora_rank {latent_dim} is not a multiple of group_size {group_size}")
     groups = latent.float().unflatten(-1, (latent_dim // group_size, group_size))
