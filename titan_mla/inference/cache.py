@@ -138,8 +138,7 @@ class PagedLatentCache:
         fp8_group_size: int | None = None,
         device: torch.device | str = "cpu",
     ):
-        # None, or a group as wide as the latent (or wider): one scale per token.
-        fp8_group_size = min(fp8_group_size or kv_lora_rank, kv_lora_rank)
+        fp8_group_size = _effective_group_size(kv_lora_rank, fp8_group_size)
         if fp8 and kv_lora_rank % fp8_group_size:
             raise ValueError(f"fp8_group_size={fp8_group_size} does not divide {kv_lora_rank}")
         self.n_layers, self.kv_lora_rank, self.rope_dim = n_layers, kv_lora_rank, rope_dim
@@ -330,6 +329,12 @@ def host_to_device(
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+def _effective_group_size(kv_lora_rank: int, fp8_group_size: int | None) -> int:
+    """The fp8 scale group a cache uses: None, or a group as wide as the latent (or wider), is one
+    scale per token."""
+    return min(fp8_group_size or kv_lora_rank, kv_lora_rank)
+
+
 def cache_bytes_per_token(
     n_layers: int,
     kv_lora_rank: int,
@@ -341,7 +346,7 @@ def cache_bytes_per_token(
     """Bytes per cached token over all layers: the latent (1 byte per value plus a 4-byte scale per
     group when FP8; ``fp8_group_size`` None: per token) and the rotary key in ``dtype``."""
     if fp8:
-        n_groups = kv_lora_rank // min(fp8_group_size or kv_lora_rank, kv_lora_rank)
+        n_groups = kv_lora_rank // _effective_group_size(kv_lora_rank, fp8_group_size)
         latent_bytes = kv_lora_rank + 4 * n_groups
     else:
         latent_bytes = kv_lora_rank * dtype.itemsize
