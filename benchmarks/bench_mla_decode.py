@@ -29,7 +29,7 @@ import argparse
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -43,6 +43,7 @@ from benchmarks.common import graph_time_ms, relative_error, write_result
 from titan_mla.ops.mla_decode import (
     DecodeConfig,
     cache_kind,
+    default_config,
     mla_decode,
     mla_decode_reference,
     mla_decode_triton,
@@ -323,8 +324,25 @@ def bench_shape(
         f"triton_{name}": (triton_variant(groups, None), groups, None)
         for name, groups in CACHE_FORMATS.items()
     }
+    # Where the default takes the Gluon kernel (sm_90), the Triton-language kernel with the same
+    # configuration is timed beside it (triton_*_tl): the baseline of mla_decode_sm90.
+    sm_count = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    for name, groups in CACHE_FORMATS.items():
+        default = default_config(
+            shape.batch, shape.heads, torch.bfloat16, cache_kind(groups), sm_count
+        )
+        if default.sm90_gluon:
+            language_config = replace(default, sm90_gluon=False)
+            variants[f"triton_{name}_tl"] = (
+                triton_variant(groups, language_config),
+                groups,
+                language_config,
+            )
     ours = {groups: variants[f"triton_{name}"][0]() for name, groups in CACHE_FORMATS.items()}
     fp8_outputs = {groups: out for groups, out in ours.items() if groups}
+    for impl, (fn, groups, _) in variants.items():
+        if impl.endswith("_tl"):  # the Triton-language kernels agree with the default ones
+            assert relative_error(fn(), ours[groups]) <= TOLERANCE, (shape, impl)
     for groups, out in fp8_outputs.items():
         fp8_error = relative_error(out, ours[0])
         assert fp8_error <= FP8_VS_BF16_TOLERANCE, (shape, groups, fp8_error)

@@ -59,6 +59,11 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import reference_dtype, runs_triton
+from .mla_decode_sm90 import BLOCK_N as SM90_BLOCK_N
+from .mla_decode_sm90 import MAX_ROWS as SM90_MAX_ROWS
+from .mla_decode_sm90 import NUM_WARPS as SM90_NUM_WARPS
+from .mla_decode_sm90 import STAGES as SM90_STAGES
+from .mla_decode_sm90 import mla_decode_split_sm90_kernel
 
 FP8_E4M3_MAX = 448.0
 MAX_Q_LEN = 4
@@ -649,6 +654,9 @@ class DecodeConfig:
     in any Triton launch. fp8_grouped_dots: how an fp8 tile meets its scales (see _attend_tile).
     programs_per_sm: the split heuristic's target of programs per SM (see
     default_num_splits); below 1 it gives long single sequences fewer, longer splits.
+    sm90_gluon: the Hopper kernel of mla_decode_sm90 instead where sm90_gluon_supported says so
+    (its own tile, warps and stages; the split heuristic as configured here), else the Triton
+    kernel with this configuration.
     """
 
     block_h: int
@@ -658,6 +666,7 @@ class DecodeConfig:
     prefetch: bool
     programs_per_sm: float = 4.0
     fp8_grouped_dots: bool = False
+    sm90_gluon: bool = False
 
 
 # Tuned launch parameters, keyed by (cache kind, block_h, few programs), where "few programs" means
@@ -673,14 +682,18 @@ class DecodeConfig:
 # --tune run at 16ed0bd (register prefetch, except at 64 rows, where that would spill). fp8 with
 # per-token scales: the same sweep (64-token tiles, 8 warps, 3 stages the fastest at every shape).
 TUNED_CONFIGS: dict[tuple[str, int, bool], DecodeConfig] = {
-    ("bf16", 16, False): DecodeConfig(16, 32, 4, 3, prefetch=False, programs_per_sm=2.0),
-    ("bf16", 16, True): DecodeConfig(16, 32, 4, 3, prefetch=False, programs_per_sm=1.0),
+    ("bf16", 16, False): DecodeConfig(16, 32, 4, 3, False, programs_per_sm=2.0, sm90_gluon=True),
+    ("bf16", 16, True): DecodeConfig(16, 32, 4, 3, False, programs_per_sm=1.0, sm90_gluon=True),
     ("bf16", 64, False): DecodeConfig(64, 64, 8, 2, prefetch=False),
     ("fp8", 16, False): DecodeConfig(16, 32, 8, 1, prefetch=True, programs_per_sm=8.0),
     ("fp8", 16, True): DecodeConfig(16, 32, 8, 1, prefetch=True, programs_per_sm=1.0),
     ("fp8", 64, False): DecodeConfig(64, 32, 8, 2, prefetch=False),
-    ("fp8_token", 16, False): DecodeConfig(16, 64, 8, 3, prefetch=False, programs_per_sm=4.0),
-    ("fp8_token", 16, True): DecodeConfig(16, 64, 8, 3, prefetch=False, programs_per_sm=1.0),
+    ("fp8_token", 16, False): DecodeConfig(
+        16, 64, 8, 3, False, programs_per_sm=4.0, sm90_gluon=True
+    ),
+    ("fp8_token", 16, True): DecodeConfig(
+        16, 64, 8, 3, False, programs_per_sm=1.0, sm90_gluon=True
+    ),
     ("fp8_token", 64, False): DecodeConfig(64, 32, 8, 3, prefetch=False),
 }
 
@@ -718,6 +731,20 @@ def default_config(
         key=lambda key: (abs(math.log2(key[1] / block_h)), key[2] != few_programs, key[1]),
     )
     return replace(TUNED_CONFIGS[nearest], block_h=block_h)
+
+
+def sm90_gluon_supported(
+    device: torch.device, n_rows: int, page_size: int, cache_dtype: torch.dtype, scale_groups: int
+) -> bool:
+    """Whether mla_decode_sm90's kernel takes this call: an sm_90 GPU, at most SM90_MAX_ROWS
+    query rows, whole 64-token tiles per page, a 16-bit cache or fp8 with per-token scales."""
+    return (
+        device.type == "cuda"
+        and torch.cuda.get_device_capability(device) == (9, 0)
+        and n_rows <= SM90_MAX_ROWS
+        and page_size % SM90_BLOCK_N == 0
+        and (cache_dtype in (torch.bfloat16, torch.float16) or scale_groups == 1)
+    )
 
 
 @functools.cache
@@ -884,7 +911,28 @@ def mla_decode_triton(
             (batch, n_rows, num_splits), dtype=torch.float32, device=q_latent.device
         )
     grid = (triton.cdiv(n_rows, config.block_h), batch, num_splits)
-    _mla_decode_split_kernel[grid](
+    use_sm90 = config.sm90_gluon and sm90_gluon_supported(
+        q_latent.device, n_rows, page_size, latent_cache.dtype, scale_groups
+    )
+    split_kernel = mla_decode_split_sm90_kernel if use_sm90 else _mla_decode_split_kernel
+    if use_sm90:
+        constants = dict(
+            IS_FP8=fp8_cache, BLOCK_H=config.block_h, BLOCK_N=SM90_BLOCK_N, STAGES=SM90_STAGES
+        )
+        launch = dict(num_warps=SM90_NUM_WARPS)
+    else:
+        constants = dict(
+            SCALE_GROUPS=scale_groups,
+            # One group (per-token scales) has its own 2-d way (see _attend_tile).
+            GROUP_LAYOUT=scale_groups if config.fp8_grouped_dots and scale_groups > 1 else 0,
+            BLOCK_H=config.block_h,
+            BLOCK_N=config.block_n,
+            FP32_DOTS=q_latent.dtype == torch.float32 or q_latent.device.type == "cpu",
+            PREFETCH=config.prefetch,
+            USE_FOR_LOOP=q_latent.device.type == "cuda",
+        )
+        launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    split_kernel[grid](
         q_latent,
         q_pe,
         latent_cache,
@@ -915,16 +963,8 @@ def mla_decode_triton(
         PAGE_SIZE=page_size,
         LATENT_DIM=latent_dim,
         ROPE_DIM=rope_dim,
-        SCALE_GROUPS=scale_groups,
-        # One group (per-token scales) has its own 2-d way (see _attend_tile).
-        GROUP_LAYOUT=scale_groups if config.fp8_grouped_dots and scale_groups > 1 else 0,
-        BLOCK_H=config.block_h,
-        BLOCK_N=config.block_n,
-        FP32_DOTS=q_latent.dtype == torch.float32 or q_latent.device.type == "cpu",
-        PREFETCH=config.prefetch,
-        USE_FOR_LOOP=q_latent.device.type == "cuda",
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        **constants,
+        **launch,
     )
     if num_splits > 1:
         block_splits = min(_COMBINE_MAX_SPLITS, triton.next_power_of_2(num_splits))
