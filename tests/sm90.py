@@ -1,4 +1,4 @@
-"""Triton kernels compiled for H100 (sm_90) on a machine without a GPU: ptxas reports registers,
+"""Triton and Gluon kernels compiled for H100 (sm_90) on a machine without a GPU: ptxas reports registers,
 spills and shared memory. Imported by the subprocess scripts of the sm_90 compile tests (a test
 process has the interpreter on; those scripts run without it)."""
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
 
 MAX_SHARED = 232448  # bytes of shared memory a block may use on H100
 
@@ -34,8 +35,9 @@ def compile_for_sm90(
     options = {"num_warps": num_warps}
     if num_stages is not None:
         options["num_stages"] = num_stages
+    source = GluonASTSource if kernel.is_gluon() else ASTSource
     compiled = triton.compile(
-        ASTSource(kernel, signature, constants, attrs),
+        source(kernel, signature, constants, attrs),
         target=GPUTarget("cuda", 90, 32),
         options=options,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -25,6 +25,7 @@ from titan_mla.ops.mla_decode import (
     mla_decode_triton,
     quantize_latent_fp8,
     runs_triton,
+    sm90_gluon_supported,
 )
 
 # Where the raw launcher (mla_decode_triton) runs: the GPU, or the CPU under the interpreter.
@@ -505,6 +506,21 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
         print(kind, config, f"smem {shared}", registers)
         if spills or shared > MAX_SHARED:
             failures.append((kind, config, registers, spills, shared))
+    # The Gluon kernel of the kinds that take it, at its largest row count.
+    gluon = m.mla_decode_split_sm90_kernel
+    for kind in sorted({key[0] for key, c in m.TUNED_CONFIGS.items() if c.sm90_gluon}):
+        signature = {name: "*bf16" if name.endswith("_ptr") else "i32" for name in gluon.arg_names}
+        signature.update(block_table_ptr="*i32", seq_lens_ptr="*i32", partial_out_ptr="*fp32",
+                         partial_lse_ptr="*fp32", softmax_scale_log2="fp32")
+        if kind != "bf16":
+            signature.update(latent_cache_ptr="*fp8e4nv", latent_scale_ptr="*fp32")
+        constants = dict(SINGLE_SPLIT=False, PAGE_SIZE=64, LATENT_DIM=512, ROPE_DIM=64,
+                         IS_FP8=kind != "bf16", BLOCK_H=m.SM90_MAX_ROWS, BLOCK_N=m.SM90_BLOCK_N,
+                         STAGES=m.SM90_STAGES)
+        registers, spills, shared = compile_for_sm90(gluon, signature, constants, m.SM90_NUM_WARPS)
+        print("gluon", kind, f"smem {shared}", registers)
+        if spills or shared > MAX_SHARED:
+            failures.append(("gluon", kind, registers, spills, shared))
     combine = m._mla_decode_combine_kernel
     compile_for_sm90(combine, dict(partial_out_ptr="*fp32", partial_lse_ptr="*fp32", out_ptr="*bf16"),
                      dict(NUM_SPLITS=5, LATENT_DIM=512, BLOCK_SPLITS=8, BLOCK_D=512), num_warps=4)
@@ -515,8 +531,9 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests compile the real thing")
 def test_kernels_compile_for_sm90_without_spills():
-    """Triton compiles for a target without the GPU: the default configs at the 1B shapes must
-    build for H100 (sm_90) without register spills. A subprocess: this one has the interpreter."""
+    """Triton compiles for a target without the GPU: the default configs at the 1B shapes, and
+    the Gluon kernel the 16-head ones take on sm_90, must build for H100 without register spills.
+    A subprocess: this one has the interpreter."""
     result = run_without_interpreter(SM90_COMPILE_SCRIPT, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -555,6 +572,47 @@ def test_cuda_1b_shapes(dims, q_len):
         assert relative_error(fp8_out, out) <= FP8_TOLERANCE
         fp8_reference = mla_decode_reference(q_latent, q_pe, latent_fp8, *args, latent_scale)
         assert relative_error(fp8_out, fp8_reference) <= TOLERANCE[torch.bfloat16]
+
+
+@requires_cuda
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+    reason="the Gluon kernel is for sm_90",
+)
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("page_size", [64, 128])
+def test_cuda_sm90_gluon_kernel(fp8, page_size):
+    """mla_decode_sm90's kernel against float64 attention (the fp8 cache: the fp32 reference on
+    it) and the Triton-language kernel: single-token, page-boundary and multi-split sequences
+    (splits past a sequence's end are empty) over NaN-poisoned pages."""
+    dims = replace(GPU_DIMS[0], page_size=page_size)
+    seq_lens = [1, 63, 64, 65, 1000, 3001]
+    case = to_cuda(make_case(seed=21, seq_lens=seq_lens, q_len=1, dims=dims, dtype=torch.bfloat16))
+    latent, latent_scale = fp8_cache(case, dims.latent) if fp8 else (case.latent_cache, None)
+    args = (
+        case.q_latent.bfloat16().cuda(),
+        case.q_pe.bfloat16().cuda(),
+        latent,
+        case.k_pe_cache,
+        case.block_table,
+        case.seq_lens,
+        case.softmax_scale,
+        latent_scale,
+    )
+    assert sm90_gluon_supported(latent.device, dims.heads, page_size, latent.dtype, int(fp8))
+    gluon = DecodeConfig(16, 32, 4, 3, prefetch=False, sm90_gluon=True)
+    for num_splits in (1, 3, 16):
+        out = mla_decode_triton(*args, num_splits=num_splits, config=gluon)
+        assert not out.isnan().any()
+        language = mla_decode_triton(
+            *args, num_splits=num_splits, config=replace(gluon, sm90_gluon=False)
+        )
+        assert relative_error(out, language) <= 1e-2
+        if fp8:
+            assert relative_error(out, mla_decode_reference(*args)) <= TOLERANCE[torch.bfloat16]
+        else:
+            expected = case.expected()
+            assert relative_error(case.up_project(out.cpu()), expected) <= TOLERANCE[torch.bfloat16]
 
 
 @requires_cuda

@@ -2,7 +2,7 @@
 latent tile staged once in shared memory.
 
 Same grid, inputs and partial outputs as ``_mla_decode_split_kernel`` in mla_decode.py (whose
-combine kernel merges the splits), for the memory-bound case: at most 32 query rows per program,
+combine kernel merges the splits), for the memory-bound case: at most 16 query rows per program,
 pages of a multiple of 64 tokens, a bf16/fp16 cache or an fp8 cache with one scale per token.
 
 Why a second kernel: with 16 query rows the Triton kernel's dots are mma.sync chains that re-read
@@ -35,7 +35,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 BLOCK_N = 64
 NUM_WARPS = 4
 STAGES = 2  # tiles in flight: 2 x (32 or 64 KiB) of latent, within shared memory beside the rest
-MAX_ROWS = 32  # the output accumulator (512 x rows fp32) takes rows x 4 registers per thread
+# The output accumulator (512 x rows fp32) takes rows x 4 registers per thread: 32 rows spill.
+MAX_ROWS = 16
 
 
 @gluon.jit
