@@ -36,7 +36,10 @@ Each program serves BLOCK_H query rows (q_len x heads flattened, so speculative 
 cache reads too): every latent row is loaded once per program and used twice, as the key of
 ``q_latent @ latent^T`` and as the value of ``p @ latent``. Softmax and accumulation are float32.
 Launch shapes depend only on tensor shapes (num_splits is a Python int), so a call can be captured
-in a CUDA graph; splits past a sequence's end find no tokens and write an empty partial.
+in a CUDA graph; splits past a sequence's end find no tokens and write an empty partial. On sm_90,
+calls of at most 16 query rows (a bf16/fp16 cache or fp8 with per-token scales, pages of a
+multiple of 64 tokens) take the Gluon split kernel of mla_decode_sm90 instead, with the same partial
+outputs and combine (DecodeConfig.sm90_gluon).
 
 Launch parameters (DecodeConfig: rows per program, tile size, warps, stages, register prefetch,
 the split heuristic's programs per SM, the fp8 scale handling) come from the TUNED_CONFIGS table,
