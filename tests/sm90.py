@@ -23,8 +23,9 @@ def compile_for_sm90(
     constants: dict[str, object],
     num_warps: int,
     num_stages: int | None = None,
-) -> tuple[str, bool, int]:
-    """("Used N registers", whether registers spill, shared-memory bytes) of ``kernel`` for sm_90.
+) -> tuple[str, int, int]:
+    """("Used N registers", bytes of register spill stores, shared-memory bytes) of ``kernel``
+    for sm_90.
     Pointers and strides are specialized as divisible by 16, as the launchers' are."""
     signature = {**signature, **dict.fromkeys(constants, "constexpr")}
     attrs = {
@@ -51,4 +52,5 @@ def compile_for_sm90(
         check=True,
     ).stderr
     registers = re.search(r"Used \d+ registers", report).group(0)
-    return registers, " 0 bytes spill stores" not in report, compiled.metadata.shared
+    spill_stores = int(re.search(r"(\d+) bytes spill stores", report).group(1))
+    return registers, spill_stores, compiled.metadata.shared

@@ -14,10 +14,13 @@ of both products (wgmma needs M >= 64; 16 heads are its N):
     out^T    (512, rows)    += latent_tile^T (512, tokens) @ p^T (tokens, rows)
 
 Both products read the same shared-memory tile, the second through wgmma's transposed-operand
-mode (16-bit types only). An fp8 tile is therefore converted once to q's dtype (exact for e4m3)
-into a staging buffer; its per-token scale multiplies the token's score and softmax weight.
-Loads are cp.async copies STAGES tiles deep. The softmax runs down the columns (a cross-warp
-maximum per tile); the denominators stay per thread until the end.
+mode (16-bit types only). An fp8 tile is therefore converted once into a staging buffer, to fp16
+(exact for e4m3, and one conversion per two values where bf16 needs three): the latent products
+run in fp16 with q scaled by a power of 2 into fp16's range; each token's scale multiplies its
+latent score and its softmax weight; the rope product stays in q's dtype. Loads are cp.async
+copies STAGES tiles deep; the token strides are compile-time constants (one cache layout per
+engine), so the copies' addresses are constant offsets from one base. The softmax runs down the
+columns (a cross-warp maximum per tile); the denominators stay per thread until the end.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+# fp8 caches: the softmax weight times the token's scale goes to fp16 times this (the output is
+# divided by it): weights of tokens with a latent maximum from ~1e-4 to ~1e5 stay normal fp16.
+P_GAIN = gl.constexpr(256.0)
 # Tokens per tile: wgmma's M is 64 per warpgroup.
 BLOCK_N = 64
 NUM_WARPS = 4
@@ -50,9 +56,9 @@ def _issue_tile(
     latent_cache_ptr,
     k_pe_cache_ptr,
     latent_stride_page,
-    latent_stride_token,
+    latent_stride_token: gl.constexpr,
     k_pe_stride_page,
-    k_pe_stride_token,
+    k_pe_stride_token: gl.constexpr,
     PAGE_SIZE: gl.constexpr,
     LATENT_DIM: gl.constexpr,
     ROPE_DIM: gl.constexpr,
@@ -138,9 +144,9 @@ def mla_decode_split_sm90_kernel(
     q_pe_stride_seq,
     q_pe_stride_head,
     latent_stride_page,
-    latent_stride_token,
+    latent_stride_token: gl.constexpr,
     k_pe_stride_page,
-    k_pe_stride_token,
+    k_pe_stride_token: gl.constexpr,
     scale_stride_page,
     scale_stride_token,
     block_table_stride_batch,
@@ -155,18 +161,26 @@ def mla_decode_split_sm90_kernel(
 ):
     dot_dtype: gl.constexpr = q_pe_ptr.dtype.element_ty
     cache_dtype: gl.constexpr = latent_cache_ptr.dtype.element_ty
+    # The latent products of an fp8 tile run in fp16: e4m3 -> fp16 is one conversion per two
+    # values (-> bf16 goes through fp16 and then one more per value, the kernel's bottleneck).
+    if IS_FP8:
+        latent_dtype: gl.constexpr = gl.float16
+    else:
+        latent_dtype: gl.constexpr = dot_dtype
     mma: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_H, 16]
     )
     token_layout: gl.constexpr = gl.SliceLayout(1, mma)
     row_layout: gl.constexpr = gl.SliceLayout(0, mma)
-    tile_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, LATENT_DIM], dot_dtype)
+    tile_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for(
+        [BLOCK_N, LATENT_DIM], latent_dtype
+    )
     raw_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for(
         [BLOCK_N, LATENT_DIM], cache_dtype
     )
     k_pe_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, ROPE_DIM], dot_dtype)
     p_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(
-        [BLOCK_N, BLOCK_H], dot_dtype
+        [BLOCK_N, BLOCK_H], latent_dtype
     )
 
     head_group = gl.program_id(0)
@@ -185,8 +199,8 @@ def mla_decode_split_sm90_kernel(
     latent_ring = gl.allocate_shared_memory(cache_dtype, [STAGES, BLOCK_N, LATENT_DIM], raw_smem)
     k_pe_ring = gl.allocate_shared_memory(dot_dtype, [STAGES, BLOCK_N, ROPE_DIM], k_pe_smem)
     if IS_FP8:
-        staged = gl.allocate_shared_memory(dot_dtype, [BLOCK_N, LATENT_DIM], tile_smem)
-    p_smem = gl.allocate_shared_memory(dot_dtype, [BLOCK_N, BLOCK_H], p_smem_layout)
+        staged = gl.allocate_shared_memory(latent_dtype, [BLOCK_N, LATENT_DIM], tile_smem)
+    p_smem = gl.allocate_shared_memory(latent_dtype, [BLOCK_N, BLOCK_H], p_smem_layout)
 
     # The first STAGES - 1 tiles' copies go out before q is read.
     page = _tile_page(split_begin, split_end, block_table_row_ptr, PAGE_SIZE)
@@ -226,10 +240,20 @@ def mla_decode_split_sm90_kernel(
         mask=q_row_mask,
         other=0.0,
     )
+    if IS_FP8:
+        # fp16 holds q scaled by a power of 2 (exact) that puts its largest value in
+        # [2^12, 2^14): no overflow, and rows 2^26 times smaller still normal; the scores take
+        # the inverse back (with the token scales).
+        q_abs_max = gl.max(gl.max(gl.abs(q_latent.to(gl.float32)), axis=1), axis=0)
+        exponent = gl.where(q_abs_max > 0.0, gl.floor(gl.log2(q_abs_max)) - 12.0, 0.0)
+        exponent = gl.minimum(gl.maximum(exponent, -100.0), 100.0).to(gl.int32)
+        q_down = ((127 - exponent) << 23).to(gl.float32, bitcast=True)
+        q_up = ((127 + exponent) << 23).to(gl.float32, bitcast=True)
+        q_latent = (q_latent.to(gl.float32) * q_down).to(latent_dtype)
     q_latent_smem = gl.allocate_shared_memory(
-        dot_dtype,
+        latent_dtype,
         [BLOCK_H, LATENT_DIM],
-        gl.NVMMASharedLayout.get_default_for([BLOCK_H, LATENT_DIM], dot_dtype),
+        gl.NVMMASharedLayout.get_default_for([BLOCK_H, LATENT_DIM], latent_dtype),
         q_latent,
     )
     q_pe = gl.load(
@@ -249,13 +273,10 @@ def mla_decode_split_sm90_kernel(
     fence_async_shared()
 
     rows = head_group * BLOCK_H + gl.arange(0, BLOCK_H, row_layout)
-    # Causal among the new tokens: query i sees positions <= seq_len - q_len + i.
-    row_limit = seq_len - q_len + rows // n_heads
     max_score = gl.full([BLOCK_H], -1.0e30, gl.float32, row_layout)
     denominators = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, mma)
     acc = gl.zeros([LATENT_DIM, BLOCK_H], gl.float32, mma)
-    no_scores = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, mma)
-    convert_layout: gl.constexpr = gl.BlockedLayout([1, 16], [2, 16], [4, 1], [1, 0])
+    convert_layout: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0])
     # fp8 scales come one tile ahead, into registers.
     if IS_FP8:
         next_scales = _tile_scales(
@@ -273,6 +294,8 @@ def mla_decode_split_sm90_kernel(
         next_scales = gl.zeros([BLOCK_N], gl.float32, token_layout)
 
     for tile in range(n_tiles):
+        # Made here, not kept across iterations: registers are short.
+        no_scores = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, mma)
         stage = tile % STAGES
         tile_begin = split_begin + tile * BLOCK_N
         # This tile's copies are done (the later STAGES - 2 may still run) and every warp has
@@ -314,8 +337,7 @@ def mla_decode_split_sm90_kernel(
                 BLOCK_N,
                 token_layout,
             )
-            raw = latent_ring.index(stage).load(convert_layout)
-            staged.store(raw.to(dot_dtype))
+            staged.store(latent_ring.index(stage).load(convert_layout).to(latent_dtype))
             fence_async_shared()
             gl.thread_barrier()
             latent = staged
@@ -331,12 +353,15 @@ def mla_decode_split_sm90_kernel(
                 k_pe_tile, q_pe_smem.permute((1, 0)), no_scores, use_acc=False, is_async=True
             )
             scores, rope_scores = warpgroup_mma_wait(0, deps=(scores, rope_scores))
-            scores = scores * token_scale[:, None] + rope_scores
+            scores = scores * (token_scale * q_up)[:, None] + rope_scores
         else:
             scores = warpgroup_mma(k_pe_tile, q_pe_smem.permute((1, 0)), scores, is_async=True)
             scores = warpgroup_mma_wait(0, deps=(scores,))
 
         positions = tile_begin + gl.arange(0, BLOCK_N, token_layout)
+        # Causal among the new tokens: query i sees positions <= seq_len - q_len + i (made
+        # here, not kept across iterations: registers are short).
+        row_limit = seq_len - q_len + rows // n_heads
         visible = (positions[:, None] <= row_limit[None, :]) & (positions < split_end)[:, None]
         scores = gl.where(visible, scores * softmax_scale_log2, -float("inf"))
         # max_score starts finite: rows that see nothing yet keep alpha = 1 and p = 0.
@@ -346,8 +371,8 @@ def mla_decode_split_sm90_kernel(
         denominators = denominators * alpha[None, :] + p
         max_score = new_max
         if IS_FP8:
-            p = p * token_scale[:, None]
-        p_smem.store(p.to(dot_dtype))
+            p = p * (token_scale * P_GAIN)[:, None]
+        p_smem.store(p.to(latent_dtype))
         fence_async_shared()
         gl.thread_barrier()
         acc = acc * alpha[None, :]
@@ -358,7 +383,10 @@ def mla_decode_split_sm90_kernel(
     # A row that saw no token has denominator 0: output 0 and lse -inf (log2(0)).
     denominator = gl.sum(denominators, axis=0)
     has_tokens = denominator > 0.0
-    out = acc / gl.where(has_tokens, denominator, 1.0)[None, :]
+    if IS_FP8:
+        out = acc / (gl.where(has_tokens, denominator, 1.0) * P_GAIN)[None, :]
+    else:
+        out = acc / gl.where(has_tokens, denominator, 1.0)[None, :]
     out_rows = batch64 * n_rows + rows
     row_mask = rows < n_rows
     cols = gl.arange(0, LATENT_DIM, token_layout)
