@@ -518,7 +518,7 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
         fp8 = kind != "bf16"
         constants = dict(SINGLE_SPLIT=False, PAGE_SIZE=64, LATENT_DIM=512, ROPE_DIM=64,
                          IS_FP8=fp8, BLOCK_H=m.SM90_MAX_ROWS, BLOCK_N=m.SM90_BLOCK_N,
-                         STAGES=m.SM90_STAGES, latent_stride_token=512 if fp8 else 576,
+                         latent_stride_token=512 if fp8 else 576,
                          k_pe_stride_token=64 if fp8 else 576)
         registers, spills, shared = compile_for_sm90(gluon, signature, constants, m.SM90_NUM_WARPS)
         print("gluon", kind, f"smem {shared}", registers, f"spills {spills}")

@@ -65,7 +65,6 @@ from .dispatch import reference_dtype, runs_triton
 from .mla_decode_sm90 import BLOCK_N as SM90_BLOCK_N
 from .mla_decode_sm90 import MAX_ROWS as SM90_MAX_ROWS
 from .mla_decode_sm90 import NUM_WARPS as SM90_NUM_WARPS
-from .mla_decode_sm90 import STAGES as SM90_STAGES
 from .mla_decode_sm90 import mla_decode_split_sm90_kernel
 
 FP8_E4M3_MAX = 448.0
@@ -919,9 +918,7 @@ def mla_decode_triton(
     )
     split_kernel = mla_decode_split_sm90_kernel if use_sm90 else _mla_decode_split_kernel
     if use_sm90:
-        constants = dict(
-            IS_FP8=fp8_cache, BLOCK_H=config.block_h, BLOCK_N=SM90_BLOCK_N, STAGES=SM90_STAGES
-        )
+        constants = dict(IS_FP8=fp8_cache, BLOCK_H=config.block_h, BLOCK_N=SM90_BLOCK_N)
         launch = dict(num_warps=SM90_NUM_WARPS)
     else:
         constants = dict(

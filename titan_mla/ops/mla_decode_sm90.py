@@ -18,7 +18,8 @@ mode (16-bit types only). An fp8 tile is therefore converted once into a staging
 (exact for e4m3, and one conversion per two values where bf16 needs three): the latent products
 run in fp16 with q scaled by a power of 2 into fp16's range; each token's scale multiplies its
 latent score and its softmax weight; the rope product stays in q's dtype. Loads are cp.async
-copies STAGES tiles deep; the token strides are compile-time constants (one cache layout per
+copies one tile ahead; fp8 tiles are converted into two staging buffers, the next tile while this
+one's value product runs on the tensor cores. The token strides are constexprs (one cache layout per
 engine), so the copies' addresses are constant offsets from one base. The softmax runs down the
 columns (a cross-warp maximum per tile); the denominators stay per thread until the end.
 """
@@ -40,55 +41,85 @@ P_GAIN = gl.constexpr(256.0)
 # Tokens per tile: wgmma's M is 64 per warpgroup.
 BLOCK_N = 64
 NUM_WARPS = 4
-STAGES = 2  # tiles in flight: 2 x (32 or 64 KiB) of latent, within shared memory beside the rest
 # The output accumulator (512 x rows fp32) takes rows x 4 registers per thread: 32 rows spill.
 MAX_ROWS = 16
 
 
+@gluon.constexpr_function
+def _threads_per_row(width: int, element_bits: int) -> int:
+    """Threads of a warp along a row of ``width`` values copied 16 bytes at a time."""
+    return min(32, width * element_bits // 128)
+
+
 @gluon.jit
-def _issue_tile(
+def _copy_rows(
+    destination,
+    source_ptr,
     tile_begin,
     split_end,
     page,
-    stage,
-    latent_ring,
-    k_pe_ring,
-    latent_cache_ptr,
-    k_pe_cache_ptr,
-    latent_stride_page,
-    latent_stride_token: gl.constexpr,
-    k_pe_stride_page,
-    k_pe_stride_token: gl.constexpr,
+    stride_page,
+    stride_token: gl.constexpr,
     PAGE_SIZE: gl.constexpr,
-    LATENT_DIM: gl.constexpr,
-    ROPE_DIM: gl.constexpr,
+    WIDTH: gl.constexpr,
     BLOCK_N: gl.constexpr,
 ):
-    """cp.async copies of the tile at tile_begin (one page) into ring stage ``stage``, as one
-    commit group; tokens past split_end are zero-filled, never read."""
-    latent_vector: gl.constexpr = 128 // latent_cache_ptr.dtype.element_ty.primitive_bitwidth
-    latent_layout: gl.constexpr = gl.BlockedLayout([1, latent_vector], [1, 32], [4, 1], [1, 0])
-    k_pe_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    page64 = page.to(gl.int64)
-    slot = tile_begin % PAGE_SIZE
-
-    tokens = gl.arange(0, BLOCK_N, gl.SliceLayout(1, latent_layout))
-    cols = gl.arange(0, LATENT_DIM, gl.SliceLayout(0, latent_layout))
-    rows = page64 * latent_stride_page + (slot + tokens) * latent_stride_token
+    """cp.async copies (not committed) of the rows of the tokens [tile_begin, tile_begin +
+    BLOCK_N), one page's, into ``destination`` (BLOCK_N, WIDTH); rows past split_end are
+    zero-filled, never read."""
+    bits: gl.constexpr = source_ptr.dtype.element_ty.primitive_bitwidth
+    threads: gl.constexpr = _threads_per_row(WIDTH, bits)
+    layout: gl.constexpr = gl.BlockedLayout(
+        [1, 128 // bits], [32 // threads, threads], [4, 1], [1, 0]
+    )
+    tokens = gl.arange(0, BLOCK_N, gl.SliceLayout(1, layout))
+    cols = gl.arange(0, WIDTH, gl.SliceLayout(0, layout))
+    rows = page.to(gl.int64) * stride_page + (tile_begin % PAGE_SIZE + tokens) * stride_token
     async_copy.async_copy_global_to_shared(
-        latent_ring.index(stage),
-        latent_cache_ptr + rows[:, None] + cols[None, :],
+        destination,
+        source_ptr + rows[:, None] + cols[None, :],
         mask=(tile_begin + tokens < split_end)[:, None],
     )
-    tokens = gl.arange(0, BLOCK_N, gl.SliceLayout(1, k_pe_layout))
-    cols = gl.arange(0, ROPE_DIM, gl.SliceLayout(0, k_pe_layout))
-    rows = page64 * k_pe_stride_page + (slot + tokens) * k_pe_stride_token
-    async_copy.async_copy_global_to_shared(
-        k_pe_ring.index(stage),
-        k_pe_cache_ptr + rows[:, None] + cols[None, :],
-        mask=(tile_begin + tokens < split_end)[:, None],
+
+
+@gluon.jit
+def _stage_next_tile(
+    copy_begin,
+    split_end,
+    copy_page,
+    copy_stage,
+    convert_stage,
+    latent_ring,
+    staged,
+    latent_cache_ptr,
+    latent_stride_page,
+    latent_stride_token: gl.constexpr,
+    PAGE_SIZE: gl.constexpr,
+    LATENT_DIM: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    convert_layout: gl.constexpr,
+):
+    """fp8: once the older of the two copies in flight (a tile's latent) has landed, start the
+    latent copy of the tile at copy_begin into ring stage copy_stage, then convert ring stage
+    convert_stage into staging buffer convert_stage."""
+    async_copy.wait_group(1)
+    gl.thread_barrier()
+    _copy_rows(
+        latent_ring.index(copy_stage),
+        latent_cache_ptr,
+        copy_begin,
+        split_end,
+        copy_page,
+        latent_stride_page,
+        latent_stride_token,
+        PAGE_SIZE,
+        LATENT_DIM,
+        BLOCK_N,
     )
     async_copy.commit_group()
+    staged.index(convert_stage).store(
+        latent_ring.index(convert_stage).load(convert_layout).to(staged.dtype)
+    )
 
 
 @gluon.jit
@@ -157,7 +188,6 @@ def mla_decode_split_sm90_kernel(
     IS_FP8: gl.constexpr,
     BLOCK_H: gl.constexpr,
     BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr,
 ):
     dot_dtype: gl.constexpr = q_pe_ptr.dtype.element_ty
     cache_dtype: gl.constexpr = latent_cache_ptr.dtype.element_ty
@@ -196,35 +226,49 @@ def mla_decode_split_sm90_kernel(
     n_tiles = gl.maximum(gl.cdiv(split_end - split_begin, BLOCK_N), 0)
     block_table_row_ptr = block_table_ptr + batch64 * block_table_stride_batch
 
-    latent_ring = gl.allocate_shared_memory(cache_dtype, [STAGES, BLOCK_N, LATENT_DIM], raw_smem)
-    k_pe_ring = gl.allocate_shared_memory(dot_dtype, [STAGES, BLOCK_N, ROPE_DIM], k_pe_smem)
+    # Two latent stages: the next tile's copy flies while this one is used. bf16: the value
+    # product reads the stage, so a tile's products finish within its iteration. fp8: tiles are
+    # converted into two staging buffers, the next tile while this one's value product runs;
+    # the rope keys then have one buffer, copied once the key products are done.
+    latent_ring = gl.allocate_shared_memory(cache_dtype, [2, BLOCK_N, LATENT_DIM], raw_smem)
+    k_pe_buffers = gl.allocate_shared_memory(
+        dot_dtype, [1 if IS_FP8 else 2, BLOCK_N, ROPE_DIM], k_pe_smem
+    )
     if IS_FP8:
-        staged = gl.allocate_shared_memory(latent_dtype, [BLOCK_N, LATENT_DIM], tile_smem)
+        staged = gl.allocate_shared_memory(latent_dtype, [2, BLOCK_N, LATENT_DIM], tile_smem)
     p_smem = gl.allocate_shared_memory(latent_dtype, [BLOCK_N, BLOCK_H], p_smem_layout)
 
-    # The first STAGES - 1 tiles' copies go out before q is read.
+    # The first tile's copies go out before q is read (fp8: the latent and the rope keys as two
+    # commit groups, in the order the loop waits for them).
     page = _tile_page(split_begin, split_end, block_table_row_ptr, PAGE_SIZE)
-    for first_tile in gl.static_range(STAGES - 1):
-        tile_begin = split_begin + first_tile * BLOCK_N
-        _issue_tile(
-            tile_begin,
-            split_end,
-            page,
-            first_tile,
-            latent_ring,
-            k_pe_ring,
-            latent_cache_ptr,
-            k_pe_cache_ptr,
-            latent_stride_page,
-            latent_stride_token,
-            k_pe_stride_page,
-            k_pe_stride_token,
-            PAGE_SIZE,
-            LATENT_DIM,
-            ROPE_DIM,
-            BLOCK_N,
-        )
-        page = _tile_page(tile_begin + BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE)
+    _copy_rows(
+        latent_ring.index(0),
+        latent_cache_ptr,
+        split_begin,
+        split_end,
+        page,
+        latent_stride_page,
+        latent_stride_token,
+        PAGE_SIZE,
+        LATENT_DIM,
+        BLOCK_N,
+    )
+    if IS_FP8:
+        async_copy.commit_group()
+    _copy_rows(
+        k_pe_buffers.index(0),
+        k_pe_cache_ptr,
+        split_begin,
+        split_end,
+        page,
+        k_pe_stride_page,
+        k_pe_stride_token,
+        PAGE_SIZE,
+        ROPE_DIM,
+        BLOCK_N,
+    )
+    async_copy.commit_group()
+    page = _tile_page(split_begin + BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE)
 
     # q rows (query x head) into shared memory: the B operands of the key products.
     q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
@@ -290,41 +334,43 @@ def mla_decode_split_sm90_kernel(
             BLOCK_N,
             token_layout,
         )
+        # Tile 0 is converted before the loop, tile i + 1 during tile i's value product; the
+        # latent of tile i + 2 is copied then, with the page ids read one tile ahead.
+        _stage_next_tile(
+            split_begin + BLOCK_N,
+            split_end,
+            page,
+            1,
+            0,
+            latent_ring,
+            staged,
+            latent_cache_ptr,
+            latent_stride_page,
+            latent_stride_token,
+            PAGE_SIZE,
+            LATENT_DIM,
+            BLOCK_N,
+            convert_layout,
+        )
+        page_after = _tile_page(
+            split_begin + 2 * BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE
+        )
     else:
         next_scales = gl.zeros([BLOCK_N], gl.float32, token_layout)
+        page_after = page
 
     for tile in range(n_tiles):
         # Made here, not kept across iterations: registers are short.
         no_scores = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, mma)
-        stage = tile % STAGES
+        stage = tile % 2
         tile_begin = split_begin + tile * BLOCK_N
-        # This tile's copies are done (the later STAGES - 2 may still run) and every warp has
-        # finished the previous tile, whose stage the next copies overwrite.
-        async_copy.wait_group(STAGES - 2)
-        fence_async_shared()
-        gl.thread_barrier()
-        _issue_tile(
-            tile_begin + (STAGES - 1) * BLOCK_N,
-            split_end,
-            page,
-            (tile + STAGES - 1) % STAGES,
-            latent_ring,
-            k_pe_ring,
-            latent_cache_ptr,
-            k_pe_cache_ptr,
-            latent_stride_page,
-            latent_stride_token,
-            k_pe_stride_page,
-            k_pe_stride_token,
-            PAGE_SIZE,
-            LATENT_DIM,
-            ROPE_DIM,
-            BLOCK_N,
-        )
-        # Read one iteration ahead, so that no copy waits on its table read.
-        page = _tile_page(tile_begin + STAGES * BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE)
-
         if IS_FP8:
+            # Tile i is staged; its rope keys have landed (the next latent copy may still fly).
+            async_copy.wait_group(1)
+            fence_async_shared()
+            gl.thread_barrier()
+            latent = staged.index(stage)
+            k_pe_tile = k_pe_buffers.index(0)
             token_scale = next_scales
             next_scales = _tile_scales(
                 tile_begin + BLOCK_N,
@@ -337,22 +383,64 @@ def mla_decode_split_sm90_kernel(
                 BLOCK_N,
                 token_layout,
             )
-            staged.store(latent_ring.index(stage).load(convert_layout).to(latent_dtype))
+        else:
+            # This tile's copies are done and every warp is past the previous tile's reads of
+            # the stage the next copy overwrites.
+            async_copy.wait_group(0)
             fence_async_shared()
             gl.thread_barrier()
-            latent = staged
-        else:
+            _copy_rows(
+                latent_ring.index(1 - stage),
+                latent_cache_ptr,
+                tile_begin + BLOCK_N,
+                split_end,
+                page,
+                latent_stride_page,
+                latent_stride_token,
+                PAGE_SIZE,
+                LATENT_DIM,
+                BLOCK_N,
+            )
+            _copy_rows(
+                k_pe_buffers.index(1 - stage),
+                k_pe_cache_ptr,
+                tile_begin + BLOCK_N,
+                split_end,
+                page,
+                k_pe_stride_page,
+                k_pe_stride_token,
+                PAGE_SIZE,
+                ROPE_DIM,
+                BLOCK_N,
+            )
+            async_copy.commit_group()
+            # Read one iteration ahead, so that no copy waits on its table read.
+            page = _tile_page(tile_begin + 2 * BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE)
             latent = latent_ring.index(stage)
+            k_pe_tile = k_pe_buffers.index(stage)
         scores = warpgroup_mma(
             latent, q_latent_smem.permute((1, 0)), no_scores, use_acc=False, is_async=True
         )
-        k_pe_tile = k_pe_ring.index(stage)
         if IS_FP8:
             # The token's scale multiplies its latent score only (the rope key is not fp8).
             rope_scores = warpgroup_mma(
                 k_pe_tile, q_pe_smem.permute((1, 0)), no_scores, use_acc=False, is_async=True
             )
             scores, rope_scores = warpgroup_mma_wait(0, deps=(scores, rope_scores))
+            # The rope keys' buffer is free: the next tile's copy.
+            _copy_rows(
+                k_pe_tile,
+                k_pe_cache_ptr,
+                tile_begin + BLOCK_N,
+                split_end,
+                page,
+                k_pe_stride_page,
+                k_pe_stride_token,
+                PAGE_SIZE,
+                ROPE_DIM,
+                BLOCK_N,
+            )
+            async_copy.commit_group()
             scores = scores * (token_scale * q_up)[:, None] + rope_scores
         else:
             scores = warpgroup_mma(k_pe_tile, q_pe_smem.permute((1, 0)), scores, is_async=True)
@@ -377,6 +465,28 @@ def mla_decode_split_sm90_kernel(
         gl.thread_barrier()
         acc = acc * alpha[None, :]
         acc = warpgroup_mma(latent.permute((1, 0)), p_smem, acc, is_async=True)
+        if IS_FP8:
+            # While the value product runs: stage tile i + 1, copy the latent of tile i + 2.
+            _stage_next_tile(
+                tile_begin + 2 * BLOCK_N,
+                split_end,
+                page_after,
+                stage,
+                1 - stage,
+                latent_ring,
+                staged,
+                latent_cache_ptr,
+                latent_stride_page,
+                latent_stride_token,
+                PAGE_SIZE,
+                LATENT_DIM,
+                BLOCK_N,
+                convert_layout,
+            )
+            page = page_after
+            page_after = _tile_page(
+                tile_begin + 3 * BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE
+            )
         acc = warpgroup_mma_wait(0, deps=(acc,))
     async_copy.wait_group(0)
 
