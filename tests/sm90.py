@@ -8,6 +8,7 @@ import re
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -17,16 +18,24 @@ from triton.experimental.gluon._runtime import GluonASTSource
 MAX_SHARED = 232448  # bytes of shared memory a block may use on H100
 
 
+class Sm90Build(NamedTuple):
+    registers: str  # "Used N registers"
+    spill_stores: int  # bytes
+    shared: int  # bytes
+    # ptxas C7515: wgmma instructions serialized (an in-flight accumulator touched by other
+    # instructions), which costs a wgmma kernel its overlap of the tensor cores with the rest.
+    wgmma_serialized: bool
+
+
 def compile_for_sm90(
     kernel: triton.JITFunction,
     signature: dict[str, str],
     constants: dict[str, object],
     num_warps: int,
     num_stages: int | None = None,
-) -> tuple[str, int, int]:
-    """("Used N registers", bytes of register spill stores, shared-memory bytes) of ``kernel``
-    for sm_90.
-    Pointers and strides are specialized as divisible by 16, as the launchers' are."""
+) -> Sm90Build:
+    """What ptxas reports of ``kernel`` built for sm_90. Pointers and strides are specialized as
+    divisible by 16, as the launchers' are."""
     signature = {**signature, **dict.fromkeys(constants, "constexpr")}
     attrs = {
         (kernel.arg_names.index(name),): [["tt.divisibility", 16]]
@@ -51,6 +60,9 @@ def compile_for_sm90(
         text=True,
         check=True,
     ).stderr
-    registers = re.search(r"Used \d+ registers", report).group(0)
-    spill_stores = int(re.search(r"(\d+) bytes spill stores", report).group(1))
-    return registers, spill_stores, compiled.metadata.shared
+    return Sm90Build(
+        registers=re.search(r"Used \d+ registers", report).group(0),
+        spill_stores=int(re.search(r"(\d+) bytes spill stores", report).group(1)),
+        shared=compiled.metadata.shared,
+        wgmma_serialized="C7515" in report,
+    )

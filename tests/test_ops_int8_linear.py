@@ -414,10 +414,10 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
     for mode in modes:
         for config in m._int8_gemv_kernel.configs:
             constants = dict(K_END=8192, **mode, **config.kwargs)
-            registers, spills, _ = compile_for_sm90(kernel, signature, constants, config.num_warps)
-            print(mode["GATED"], config, registers)
-            if spills:
-                failures.append((mode, str(config), registers))
+            build = compile_for_sm90(kernel, signature, constants, config.num_warps)
+            print(mode["GATED"], config, build.registers)
+            if build.spill_stores:
+                failures.append((mode, str(config), build.registers))
     sys.exit(f"register spills: {failures}" if failures else 0)
     """
 )
