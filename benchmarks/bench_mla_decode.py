@@ -1,21 +1,23 @@
-"""Absorbed MLA decode (titan_mla::mla_decode) on one GPU: the Triton kernels with a bf16 and an fp8
-cache vs the PyTorch reference, eager and compiled, against the device's copy bandwidth.
+"""Absorbed MLA decode (titan_mla::mla_decode) on one GPU: our kernels with a bf16 and an fp8 cache
+vs the PyTorch reference, eager and compiled, against the device's copy bandwidth.
 
 Shapes: (batch, context, heads) = (128, 4096, 16), (128, 4096, 128), (64, 8192, 16) with lengths
 uniform in [context / 2, context], and (1, 65536, 16), (1, 1048576, 16); q_len 1, page size 64,
 kv_lora_rank 512, rope 64, pages shuffled in one pool. GB/s as FlashMLA counts it: every cached
 token read once (bf16: 576 x 2 bytes; fp8: 512 + 4 (per-token scale) or 4 x 4 (per-128 scales)
 + 64 x 2 rope bytes) plus q and out bytes; TFLOP/s = 2 x heads x tokens x (512 + 64 + 512) / time.
-Every variant is checked against the reference before it is timed, and timed as CUDA-graph replays of 10 back-to-back calls (a
-decode step's launch path; the 1 GiB copy bandwidth is timed eagerly, see copy_bandwidth; an
-elementwise kernel moving each 16-head case's bf16 bytes is timed like the kernels, as that size's
-ceiling). Writes
+The triton_* rows are the op as the engine calls it (on sm_90 the 16-head cases take the Gluon
+kernel of mla_decode_sm90); where they do, triton_*_tl rows time the Triton-language kernel with
+the same configuration, its baseline. Every variant is checked against the reference before it
+is timed, and timed as CUDA-graph replays of 10 back-to-back calls (a decode step's launch path;
+the 1 GiB copy bandwidth is timed eagerly, see copy_bandwidth; an elementwise kernel moving each
+16-head case's bf16 bytes is timed like the kernels, as that size's ceiling). Writes
 benchmarks/results/mla_decode-<gpu>.json (+ .md) or --out.
 
     COMMIT=$(git rev-parse HEAD) python benchmarks/bench_mla_decode.py --out benchmarks/results
 
---tune times, per case and cache kind, the candidates of tuning_candidates (at most 12 launch
-configurations: tile shape x programs per SM of the split heuristic), each checked against the
+--tune times, per case and cache kind, the candidates of tuning_candidates (at most 15 launch
+configurations: tile shape or the Gluon kernel x programs per SM of the split heuristic), each checked against the
 default configuration's checked output; the Triton rows and the summary then use each case's best
 configuration (named in the rows' "config"), the default heuristic's rows stay beside them as
 triton_*_default, and a TUNED_CONFIGS table for titan_mla/ops/mla_decode.py is printed: per key,
@@ -50,6 +52,7 @@ from titan_mla.ops.mla_decode import (
     quantize_latent_fp8,
     tuning_key,
 )
+from titan_mla.ops.mla_decode_sm90 import MAX_ROWS as SM90_MAX_ROWS
 
 LATENT_DIM, ROPE_DIM, PAGE_SIZE = 512, 64, 64
 # Cache formats by fp8 scale groups per token: bf16 (0), fp8 with one scale per token (the
@@ -201,11 +204,12 @@ def copy_bandwidth(n_bytes: int) -> float:
 
 
 def tuning_candidates(key: tuple[str, int, bool], smoke: bool) -> list[DecodeConfig]:
-    """The launch configurations --tune times for a TUNED_CONFIGS key (at most 12): tile shapes
+    """The launch configurations --tune times for a TUNED_CONFIGS key (at most 15): tile shapes
     that compile for sm_90 without register spills and within shared memory (ptxas -v, checked by
     hand), each with the split heuristic aiming at a few programs per SM (fewer, longer splits for
-    long single sequences). 128 heads never split (the fp32 partials would cost more than the
-    cache), so there only the tile shape varies."""
+    long single sequences); at 16 rows also the Gluon kernel (sm_90) at those targets. 128 heads
+    never split (the fp32 partials would cost more than the cache), so there only the tile shape
+    varies."""
     kind, block_h, few_programs = key
     if block_h < 64:
         # (block_n, num_warps, num_stages, prefetch, fp8_grouped_dots)
@@ -245,11 +249,18 @@ def tuning_candidates(key: tuple[str, int, bool], smoke: bool) -> list[DecodeCon
         programs_per_sm = [4.0]
     if smoke:
         tiles, programs_per_sm = tiles[:2], programs_per_sm[:2]
-    return [
+    candidates = [
         DecodeConfig(block_h, block_n, warps, stages, prefetch, pps, grouped)
         for block_n, warps, stages, prefetch, grouped in tiles
         for pps in programs_per_sm
     ]
+    if kind in ("bf16", "fp8_token") and block_h <= SM90_MAX_ROWS:
+        # The Gluon kernel has its own tile: only the split target varies. The first tile's
+        # fields are its fallback off sm_90.
+        candidates += [
+            replace(candidates[0], programs_per_sm=pps, sm90_gluon=True) for pps in programs_per_sm
+        ]
+    return candidates
 
 
 def tune(
