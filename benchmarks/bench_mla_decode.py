@@ -17,12 +17,13 @@ benchmarks/results/mla_decode-<gpu>.json (+ .md) or --out.
     COMMIT=$(git rev-parse HEAD) python benchmarks/bench_mla_decode.py --out benchmarks/results
 
 --tune times, per case and cache kind, the candidates of tuning_candidates (at most 15 launch
-configurations: tile shape or the Gluon kernel x programs per SM of the split heuristic), each checked against the
-default configuration's checked output; the Triton rows and the summary then use each case's best
-configuration (named in the rows' "config"), the default heuristic's rows stay beside them as
-triton_*_default, and a TUNED_CONFIGS table for titan_mla/ops/mla_decode.py is printed: per key,
-the candidate with the smallest geometric-mean slowdown over that key's cases. --smoke runs small
-shapes (and two tiles x two split targets when tuning) to check the script in a minute.
+configurations: tile shape or the Gluon kernel x programs per SM of the split heuristic), each
+checked against the default configuration's checked output; the Triton rows and the summary then use
+each case's best configuration (named in the rows' "config"), the default heuristic's rows stay
+beside them as triton_*_default, and a TUNED_CONFIGS table for titan_mla/ops/mla_decode.py is
+printed: per key, the candidate with the smallest geometric-mean slowdown over that key's cases.
+--smoke runs small shapes (and two tiles x two split targets when tuning) to check the script in a
+minute.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Triton and Gluon kernels compiled for H100 (sm_90) on a machine without a GPU: ptxas reports registers,
-spills and shared memory. Imported by the subprocess scripts of the sm_90 compile tests (a test
-process has the interpreter on; those scripts run without it)."""
+"""Triton and Gluon kernels compiled for H100 (sm_90) on a machine without a GPU: ptxas reports
+registers, spills, shared memory and serialized wgmma. Imported by the subprocess scripts of the
+sm_90 compile tests (a test process has the interpreter on; those scripts run without it)."""
 
 from __future__ import annotations
 

@@ -916,14 +916,14 @@ def mla_decode_triton(
             (batch, n_rows, num_splits), dtype=torch.float32, device=q_latent.device
         )
     grid = (triton.cdiv(n_rows, config.block_h), batch, num_splits)
-    use_sm90 = config.sm90_gluon and sm90_gluon_supported(
+    if config.sm90_gluon and sm90_gluon_supported(
         q_latent.device, n_rows, page_size, latent_cache.dtype, scale_groups
-    )
-    split_kernel = mla_decode_split_sm90_kernel if use_sm90 else _mla_decode_split_kernel
-    if use_sm90:
+    ):
+        split_kernel = mla_decode_split_sm90_kernel
         constants = dict(IS_FP8=fp8_cache, BLOCK_H=config.block_h, BLOCK_N=SM90_BLOCK_N)
         launch = dict(num_warps=SM90_NUM_WARPS)
     else:
+        split_kernel = _mla_decode_split_kernel
         constants = dict(
             SCALE_GROUPS=scale_groups,
             # One group (per-token scales) has its own 2-d way (see _attend_tile).
