@@ -51,9 +51,9 @@ from titan_mla.ops.mla_decode import (
     mla_decode_reference,
     mla_decode_triton,
     quantize_latent_fp8,
+    sm90_gluon_kernel,
     tuning_key,
 )
-from titan_mla.ops.mla_decode_sm90 import MAX_ROWS as SM90_MAX_ROWS
 
 LATENT_DIM, ROPE_DIM, PAGE_SIZE = 512, 64, 64
 # Cache formats by fp8 scale groups per token: bf16 (0), fp8 with one scale per token (the
@@ -208,7 +208,8 @@ def tuning_candidates(key: tuple[str, int, bool], smoke: bool) -> list[DecodeCon
     """The launch configurations --tune times for a TUNED_CONFIGS key (at most 15): tile shapes
     that compile for sm_90 without register spills and within shared memory (ptxas -v, checked by
     hand), each with the split heuristic aiming at a few programs per SM (fewer, longer splits for
-    long single sequences); at 16 rows also the Gluon kernel (sm_90) at those targets. 128 heads
+    long single sequences); where a Gluon kernel takes the key (sm_90), also that kernel at
+    those targets. 128 heads
     never split (the fp32 partials would cost more than the cache), so there only the tile shape
     varies."""
     kind, block_h, few_programs = key
@@ -255,8 +256,10 @@ def tuning_candidates(key: tuple[str, int, bool], smoke: bool) -> list[DecodeCon
         for block_n, warps, stages, prefetch, grouped in tiles
         for pps in programs_per_sm
     ]
-    if kind in ("bf16", "fp8_token") and block_h <= SM90_MAX_ROWS:
-        # The Gluon kernel has its own tile: only the split target varies. The first tile's
+    cache_dtype = torch.bfloat16 if kind == "bf16" else torch.float8_e4m3fn
+    scale_groups = {"bf16": 0, "fp8_token": 1, "fp8": LATENT_DIM // 128}[kind]
+    if sm90_gluon_kernel(block_h, PAGE_SIZE, cache_dtype, scale_groups):
+        # A Gluon kernel has its own tile: only the split target varies. The first tile's
         # fields are its fallback off sm_90.
         candidates += [
             replace(candidates[0], programs_per_sm=pps, sm90_gluon=True) for pps in programs_per_sm

@@ -25,7 +25,7 @@ from titan_mla.ops.mla_decode import (
     mla_decode_triton,
     quantize_latent_fp8,
     runs_triton,
-    sm90_gluon_supported,
+    sm90_gluon_kernel,
 )
 
 # Where the raw launcher (mla_decode_triton) runs: the GPU, or the CPU under the interpreter.
@@ -359,6 +359,9 @@ def test_default_num_splits():
     assert splits(128, 128, 4096, 512, bf16_token, 64, 132) == 1
     # Never below one wave, never below 128 tokens per split.
     assert splits(1, 16, 65536, 512, bf16_token, 16, 132) == 132
+    # ... except that 2 splits of 64 programs (97% of the wave) beat 3 (a second wave of 60).
+    assert splits(32, 128, 8192, 512, bf16_token, 64, 132) == 2
+    assert splits(8, 128, 8192, 512, bf16_token, 64, 132) == 8
     assert splits(1, 16, 300, 512, bf16_token, 16, 132) == 2
     # A target below one program per SM: fewer, longer splits (a quarter wave).
     assert splits(1, 16, 65536, 512, bf16_token, 16, 132, programs_per_sm=0.25) == 33
@@ -480,6 +483,7 @@ def test_compile_cpu_reference_branch():
 SM90_COMPILE_SCRIPT = textwrap.dedent(
     """
     import sys
+    import torch
     sys.path.insert(0, "tests")
     from sm90 import MAX_SHARED, compile_for_sm90
     from titan_mla.ops import mla_decode as m
@@ -505,31 +509,35 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
         print(kind, config, build)
         if build.spill_stores or build.shared > MAX_SHARED or build.wgmma_serialized:
             failures.append((kind, config, build))
-    # The Gluon kernel of the kinds that take it, at its largest row count.
-    gluon = m.mla_decode_split_sm90_kernel
-    for kind in sorted({key[0] for key, c in m.TUNED_CONFIGS.items() if c.sm90_gluon}):
+    # The Gluon kernels of the keys that take them: 16 rows (token-major) at most, 64 (wide).
+    gluon_keys = sorted({(key[0], key[1]) for key, c in m.TUNED_CONFIGS.items() if c.sm90_gluon})
+    for kind, block_h in gluon_keys:
+        fp8 = kind != "bf16"
+        dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
+        gluon, num_warps = m.sm90_gluon_kernel(block_h, 64, dtype, int(fp8))
         signature = {name: "*bf16" if name.endswith("_ptr") else "i32" for name in gluon.arg_names}
         signature.update(block_table_ptr="*i32", seq_lens_ptr="*i32", partial_out_ptr="*fp32",
                          partial_lse_ptr="*fp32", softmax_scale_log2="fp32")
-        if kind != "bf16":
+        if fp8:
             signature.update(latent_cache_ptr="*fp8e4nv", latent_scale_ptr="*fp32")
         # Token strides are constexprs: the engine's pools (bf16: one 576-wide pool).
-        fp8 = kind != "bf16"
         constants = dict(SINGLE_SPLIT=False, PAGE_SIZE=64, LATENT_DIM=512, ROPE_DIM=64,
-                         IS_FP8=fp8, BLOCK_H=m.SM90_MAX_ROWS, BLOCK_N=m.SM90_BLOCK_N,
+                         IS_FP8=fp8, BLOCK_H=block_h,
+                         BLOCK_N=m.sm90.BLOCK_N,
                          latent_stride_token=512 if fp8 else 576,
                          k_pe_stride_token=64 if fp8 else 576)
-        build = compile_for_sm90(gluon, signature, constants, m.SM90_NUM_WARPS)
-        print("gluon", kind, build)
+        build = compile_for_sm90(gluon, signature, constants, num_warps)
+        print("gluon", kind, block_h, build)
         # fp8: one 4-byte slot of local memory holds a value of the epilogue across the loop
         # (SASS: stores before the loop, one load after it), not a spill inside the loop.
         spill_budget = 8 if fp8 else 0
         if build.spill_stores > spill_budget or build.shared > MAX_SHARED or build.wgmma_serialized:
-            failures.append(("gluon", kind, build))
+            failures.append(("gluon", kind, block_h, build))
     combine = m._mla_decode_combine_kernel
     compile_for_sm90(combine,
                      dict(partial_out_ptr="*fp32", partial_lse_ptr="*fp32", out_ptr="*bf16"),
-                     dict(NUM_SPLITS=5, LATENT_DIM=512, BLOCK_SPLITS=8, BLOCK_D=512), num_warps=4)
+                     dict(NUM_SPLITS=5, LATENT_DIM=512, BLOCK_SPLITS=8, BLOCK_D=512),
+                     num_warps=4)
     sys.exit(f"spills, too much shared memory or serialized wgmma: {failures}" if failures else 0)
     """
 )
@@ -583,17 +591,24 @@ def test_cuda_1b_shapes(dims, q_len):
 @requires_cuda
 @pytest.mark.skipif(
     torch.cuda.is_available() and torch.cuda.get_device_capability() != (9, 0),
-    reason="the Gluon kernel is for sm_90",
+    reason="the Gluon kernels are for sm_90",
 )
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize(
+    ("fp8", "heads", "q_len"),
+    [(False, 16, 1), (True, 16, 1), (False, 128, 1), (False, 128, 2)],
+    ids=["bf16-h16", "fp8-h16", "bf16-h128", "bf16-h128-q2"],
+)
 @pytest.mark.parametrize("page_size", [64, 128])
-def test_cuda_sm90_gluon_kernel(fp8, page_size):
-    """mla_decode_sm90's kernel against float64 attention (the fp8 cache: the fp32 reference on
-    it) and the Triton-language kernel: single-token, page-boundary and multi-split sequences
-    (splits past a sequence's end are empty) over NaN-poisoned pages."""
-    dims = replace(GPU_DIMS[0], page_size=page_size)
-    seq_lens = [1, 63, 64, 65, 1000, 3001]
-    case = to_cuda(make_case(seed=21, seq_lens=seq_lens, q_len=1, dims=dims, dtype=torch.bfloat16))
+def test_cuda_sm90_gluon_kernels(fp8, heads, q_len, page_size):
+    """mla_decode_sm90's kernels (16 rows: token-major; 64 rows: the wide one) against float64
+    attention (the fp8 cache: the fp32 reference on it) and the Triton-language kernel:
+    single-token, page-boundary and multi-split sequences (splits past a sequence's end are
+    empty), speculative queries, over NaN-poisoned pages."""
+    dims = replace(GPU_DIMS[0], heads=heads, page_size=page_size)
+    seq_lens = [max(n, q_len) for n in (1, 63, 64, 65, 1000, 3001)]
+    case = to_cuda(
+        make_case(seed=21, seq_lens=seq_lens, q_len=q_len, dims=dims, dtype=torch.bfloat16)
+    )
     latent, latent_scale = fp8_cache(case, dims.latent) if fp8 else (case.latent_cache, None)
     args = (
         case.q_latent.bfloat16().cuda(),
@@ -605,16 +620,19 @@ def test_cuda_sm90_gluon_kernel(fp8, page_size):
         case.softmax_scale,
         latent_scale,
     )
-    assert sm90_gluon_supported(latent.device, dims.heads, page_size, latent.dtype, int(fp8))
-    gluon = DecodeConfig(16, 32, 4, 3, prefetch=False, sm90_gluon=True)
+    # The Triton-language kernel's tuned tiles at these row counts.
+    if heads == 16:
+        language = DecodeConfig(16, 32, 4, 3, prefetch=False)
+    else:
+        language = DecodeConfig(64, 64, 8, 2, prefetch=False)
+    assert sm90_gluon_kernel(language.block_h, page_size, latent.dtype, int(fp8))
     expected = mla_decode_reference(*args) if fp8 else case.expected()
     for num_splits in (1, 3, 16):
-        out = mla_decode_triton(*args, num_splits=num_splits, config=gluon)
-        assert not out.isnan().any()
-        language = mla_decode_triton(
-            *args, num_splits=num_splits, config=replace(gluon, sm90_gluon=False)
+        out = mla_decode_triton(
+            *args, num_splits=num_splits, config=replace(language, sm90_gluon=True)
         )
-        assert relative_error(out, language) <= 1e-2
+        assert not out.isnan().any()
+        assert relative_error(out, mla_decode_triton(*args, num_splits, language)) <= 1e-2
         compared = out if fp8 else case.up_project(out.cpu())
         assert relative_error(compared, expected) <= TOLERANCE[torch.bfloat16]
 

@@ -36,10 +36,10 @@ Each program serves BLOCK_H query rows (q_len x heads flattened, so speculative 
 cache reads too): every latent row is loaded once per program and used twice, as the key of
 ``q_latent @ latent^T`` and as the value of ``p @ latent``. Softmax and accumulation are float32.
 Launch shapes depend only on tensor shapes (num_splits is a Python int), so a call can be captured
-in a CUDA graph; splits past a sequence's end find no tokens and write an empty partial. On sm_90,
-calls of at most 16 query rows (a bf16/fp16 cache or fp8 with per-token scales, pages of a
-multiple of 64 tokens) take the Gluon split kernel of mla_decode_sm90 instead, with the same partial
-outputs and combine (DecodeConfig.sm90_gluon).
+in a CUDA graph; splits past a sequence's end find no tokens and write an empty partial. On sm_90
+(pages of a multiple of 64 tokens), programs of at most 16 query rows (a bf16/fp16 cache or fp8
+with per-token scales) and of 64 rows (a bf16/fp16 cache) take the Gluon split kernels of
+mla_decode_sm90 instead, with the same partial outputs and combine (DecodeConfig.sm90_gluon).
 
 Launch parameters (DecodeConfig: rows per program, tile size, warps, stages, register prefetch,
 the split heuristic's programs per SM, the fp8 scale handling) come from the TUNED_CONFIGS table,
@@ -61,11 +61,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import mla_decode_sm90 as sm90
 from .dispatch import reference_dtype, runs_triton
-from .mla_decode_sm90 import BLOCK_N as SM90_BLOCK_N
-from .mla_decode_sm90 import MAX_ROWS as SM90_MAX_ROWS
-from .mla_decode_sm90 import NUM_WARPS as SM90_NUM_WARPS
-from .mla_decode_sm90 import mla_decode_split_sm90_kernel
 
 FP8_E4M3_MAX = 448.0
 MAX_Q_LEN = 4
@@ -75,6 +72,7 @@ MAX_Q_LEN = 4
 # this fraction of the cache bytes read.
 _MIN_TOKENS_PER_SPLIT = 128
 _MAX_PARTIAL_TRAFFIC = 0.1
+_WAVE_FILL = 0.9
 # Stands in for the SM count under the interpreter: few programs keep CPU tests fast.
 _INTERPRETER_SM_COUNT = 2
 # The combine kernel's tile (splits x latent columns of one row): up to this many values, so that
@@ -656,7 +654,7 @@ class DecodeConfig:
     in any Triton launch. fp8_grouped_dots: how an fp8 tile meets its scales (see _attend_tile).
     programs_per_sm: the split heuristic's target of programs per SM (see
     default_num_splits); below 1 it gives long single sequences fewer, longer splits.
-    sm90_gluon: the Hopper kernel of mla_decode_sm90 instead where sm90_gluon_supported says so
+    sm90_gluon: on sm_90, the Gluon kernel of mla_decode_sm90 that sm90_gluon_kernel finds, if any
     (its own tile, warps and stages; the split heuristic as configured here), else the Triton
     kernel with this configuration.
     """
@@ -683,13 +681,14 @@ class DecodeConfig:
 # stages; benchmarks/results/raw/mla_decode_fp8_token_sweep-h100/). fp8 with group scales: the
 # --tune run at 16ed0bd (register prefetch, except at 64 rows, where that would spill). fp8 with
 # per-token scales: the same sweep (64-token tiles, 8 warps, 3 stages the fastest at every shape).
-# On sm_90 the 16-row bf16 and fp8-per-token keys take the Gluon kernel (sm90_gluon; the Triton
-# fields stay the fallback elsewhere): H100 same-run A/B in benchmarks/results/raw/
-# mla_decode_gluon_ab-h100/ (programs per SM 1-8 within 2% of each other there).
+# On sm_90 the 16-row bf16 and fp8-per-token keys take the token-major Gluon kernel and the 64-row
+# bf16 key the wide one (sm90_gluon; the Triton fields stay the fallback elsewhere): H100 same-run
+# A/Bs in benchmarks/results/raw/mla_decode_gluon_ab-h100/ (programs per SM 1-8 within 2% of each
+# other there) and mla_decode_wide_h128-h100/ (128 heads: 315 vs 195 TFLOP/s at batch 128).
 TUNED_CONFIGS: dict[tuple[str, int, bool], DecodeConfig] = {
     ("bf16", 16, False): DecodeConfig(16, 32, 4, 3, False, programs_per_sm=2.0, sm90_gluon=True),
     ("bf16", 16, True): DecodeConfig(16, 32, 4, 3, False, programs_per_sm=1.0, sm90_gluon=True),
-    ("bf16", 64, False): DecodeConfig(64, 64, 8, 2, prefetch=False),
+    ("bf16", 64, False): DecodeConfig(64, 64, 8, 2, prefetch=False, sm90_gluon=True),
     ("fp8", 16, False): DecodeConfig(16, 32, 8, 1, prefetch=True, programs_per_sm=8.0),
     ("fp8", 16, True): DecodeConfig(16, 32, 8, 1, prefetch=True, programs_per_sm=1.0),
     ("fp8", 64, False): DecodeConfig(64, 32, 8, 2, prefetch=False),
@@ -738,18 +737,25 @@ def default_config(
     return replace(TUNED_CONFIGS[nearest], block_h=block_h)
 
 
-def sm90_gluon_supported(
-    device: torch.device, n_rows: int, page_size: int, cache_dtype: torch.dtype, scale_groups: int
-) -> bool:
-    """Whether mla_decode_sm90's kernel takes this call: an sm_90 GPU, at most SM90_MAX_ROWS
-    query rows, whole 64-token tiles per page, a 16-bit cache or fp8 with per-token scales."""
-    return (
-        device.type == "cuda"
-        and torch.cuda.get_device_capability(device) == (9, 0)
-        and n_rows <= SM90_MAX_ROWS
-        and page_size % SM90_BLOCK_N == 0
-        and (cache_dtype in (torch.bfloat16, torch.float16) or scale_groups == 1)
-    )
+def sm90_gluon_kernel(
+    block_h: int, page_size: int, cache_dtype: torch.dtype, scale_groups: int
+) -> tuple[triton.JITFunction, int] | None:
+    """The Gluon split kernel of mla_decode_sm90 (with its warp count) that takes, on sm_90, a
+    call of ``block_h`` rows per program, or None. Both need whole 64-token tiles per page; the
+    token-major kernel takes up to 16 rows on a 16-bit cache or fp8 with per-token scales, the
+    wide kernel 64 rows on a 16-bit cache."""
+    if page_size % sm90.BLOCK_N:
+        return None
+    sixteen_bit = cache_dtype in (torch.bfloat16, torch.float16)
+    if block_h <= sm90.MAX_ROWS and (sixteen_bit or scale_groups == 1):
+        return sm90.mla_decode_split_sm90_kernel, sm90.NUM_WARPS
+    if block_h == sm90.WIDE_ROWS and sixteen_bit:
+        return sm90.mla_decode_split_sm90_wide_kernel, sm90.WIDE_NUM_WARPS
+    return None
+
+
+def _is_sm90(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
 
 
 @functools.cache
@@ -772,7 +778,8 @@ def default_num_splits(
     Enough programs for ``programs_per_sm`` per SM (latency hiding and balance across sequences
     of different lengths), unless the fp32 partial outputs would cost more than
     ``_MAX_PARTIAL_TRAFFIC`` of the cache bytes; never fewer than min(1, programs_per_sm) waves of
-    programs, never fewer than ``_MIN_TOKENS_PER_SPLIT`` tokens of the longest context per split.
+    programs (or the whole split counts that fill ``_WAVE_FILL`` of that), never fewer than
+    ``_MIN_TOKENS_PER_SPLIT`` tokens of the longest context per split.
     """
     programs = batch * triton.cdiv(n_rows, block_h)
     # Rounded down: a last partial wave of programs costs as much as a whole one.
@@ -780,7 +787,11 @@ def default_num_splits(
     partial_bytes_per_split = 2 * n_rows * latent_dim * 4
     cache_bytes = max_context * cache_bytes_per_token
     splits = min(splits, int(_MAX_PARTIAL_TRAFFIC * cache_bytes / partial_bytes_per_split))
-    splits = max(splits, math.ceil(min(1.0, programs_per_sm) * sm_count / programs))
+    # At least the wave: rounded down where that still fills _WAVE_FILL of it (a few programs
+    # past a whole wave would cost a second one: 128 heads, batch 8, 9 splits 79 us, 8 splits 57).
+    wave = min(1.0, programs_per_sm) * sm_count / programs
+    rounded_down = math.floor(wave)
+    splits = max(splits, rounded_down if rounded_down >= _WAVE_FILL * wave else math.ceil(wave))
     return max(1, min(splits, max_context // _MIN_TOKENS_PER_SPLIT))
 
 
@@ -916,12 +927,15 @@ def mla_decode_triton(
             (batch, n_rows, num_splits), dtype=torch.float32, device=q_latent.device
         )
     grid = (triton.cdiv(n_rows, config.block_h), batch, num_splits)
-    if config.sm90_gluon and sm90_gluon_supported(
-        q_latent.device, n_rows, page_size, latent_cache.dtype, scale_groups
-    ):
-        split_kernel = mla_decode_split_sm90_kernel
-        constants = dict(IS_FP8=fp8_cache, BLOCK_H=config.block_h, BLOCK_N=SM90_BLOCK_N)
-        launch = dict(num_warps=SM90_NUM_WARPS)
+    gluon = (
+        config.sm90_gluon
+        and _is_sm90(q_latent.device)
+        and sm90_gluon_kernel(config.block_h, page_size, latent_cache.dtype, scale_groups)
+    )
+    if gluon:
+        split_kernel, num_warps = gluon
+        constants = dict(IS_FP8=fp8_cache, BLOCK_H=config.block_h, BLOCK_N=sm90.BLOCK_N)
+        launch = dict(num_warps=num_warps)
     else:
         split_kernel = _mla_decode_split_kernel
         constants = dict(

@@ -1,11 +1,15 @@
-"""The split kernel of titan_mla::mla_decode for Hopper (sm_90), in Gluon: token-major wgmma over a
-latent tile staged once in shared memory.
+"""The split kernels of titan_mla::mla_decode for Hopper (sm_90), in Gluon.
 
 Same grid, inputs and partial outputs as ``_mla_decode_split_kernel`` in mla_decode.py (whose
-combine kernel merges the splits), for the memory-bound case: at most 16 query rows per program,
-pages of a multiple of 64 tokens, a bf16/fp16 cache or an fp8 cache with one scale per token.
+combine kernel merges the splits), for pages of a multiple of 64 tokens:
 
-Why a second kernel: with 16 query rows the Triton kernel's dots are mma.sync chains that re-read
+- ``mla_decode_split_sm90_kernel``, the memory-bound case: token-major wgmma over a latent tile
+  staged once in shared memory, at most 16 query rows per program, a bf16/fp16 cache or an fp8
+  cache with one scale per token (described below).
+- ``mla_decode_split_sm90_wide_kernel``, the compute-bound case: 64 query rows per program (128
+  heads) as wgmma's M, two warpgroups, a bf16/fp16 cache (see its docstring).
+
+Why a token-major kernel: with 16 query rows the Triton kernel's dots are mma.sync chains that re-read
 q and every tile from shared memory per warp, and an 8-bit tile cannot be read transposed from
 shared memory (the value product gathers it byte by byte). Here the tokens are the M dimension
 of both products (wgmma needs M >= 64; 16 heads are its N):
@@ -43,6 +47,9 @@ BLOCK_N = 64
 NUM_WARPS = 4
 # The output accumulator (512 x rows fp32) takes rows x 4 registers per thread: 32 rows spill.
 MAX_ROWS = 16
+# mla_decode_split_sm90_wide_kernel: 64 rows per program, two warpgroups.
+WIDE_ROWS = 64
+WIDE_NUM_WARPS = 8
 
 
 @gluon.constexpr_function
@@ -70,7 +77,7 @@ def _copy_rows(
     bits: gl.constexpr = source_ptr.dtype.element_ty.primitive_bitwidth
     threads: gl.constexpr = _threads_per_row(WIDTH, bits)
     layout: gl.constexpr = gl.BlockedLayout(
-        [1, 128 // bits], [32 // threads, threads], [4, 1], [1, 0]
+        [1, 128 // bits], [32 // threads, threads], [gl.num_warps(), 1], [1, 0]
     )
     tokens = gl.arange(0, BLOCK_N, gl.SliceLayout(1, layout))
     cols = gl.arange(0, WIDTH, gl.SliceLayout(0, layout))
@@ -123,6 +130,41 @@ def _stage_next_tile(
 
 
 @gluon.jit
+def _split_range(seq_len, split, num_splits, BLOCK_N: gl.constexpr):
+    """The tokens [begin, end) of a split (whole tiles of its sequence's share) and its tiles."""
+    tokens_per_split = gl.cdiv(gl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    split_begin = split * tokens_per_split
+    split_end = gl.minimum(split_begin + tokens_per_split, seq_len)
+    return split_begin, split_end, gl.maximum(gl.cdiv(split_end - split_begin, BLOCK_N), 0)
+
+
+@gluon.jit
+def _load_q_rows(
+    q_ptr,
+    batch64,
+    stride_batch,
+    stride_seq,
+    stride_head,
+    q_rows,
+    n_heads,
+    n_rows,
+    WIDTH: gl.constexpr,
+    layout: gl.constexpr,
+):
+    """The query rows ``q_rows`` (query x head, in SliceLayout(1, layout)) of one sequence, as
+    (rows, WIDTH) in ``layout``; zeros past n_rows."""
+    row_offsets = (q_rows // n_heads) * stride_seq + (q_rows % n_heads) * stride_head
+    return gl.load(
+        q_ptr
+        + batch64 * stride_batch
+        + row_offsets[:, None]
+        + gl.arange(0, WIDTH, gl.SliceLayout(0, layout))[None, :],
+        mask=(q_rows < n_rows)[:, None],
+        other=0.0,
+    )
+
+
+@gluon.jit
 def _tile_page(tile_begin, split_end, block_table_row_ptr, PAGE_SIZE: gl.constexpr):
     """The page id of the tile at tile_begin (0 past split_end: table entries past a sequence's
     pages are never read)."""
@@ -135,7 +177,7 @@ def _tile_page(tile_begin, split_end, block_table_row_ptr, PAGE_SIZE: gl.constex
 def _tile_scales(
     tile_begin,
     split_end,
-    block_table_row_ptr,
+    page,
     latent_scale_ptr,
     scale_stride_page,
     scale_stride_token,
@@ -143,11 +185,13 @@ def _tile_scales(
     BLOCK_N: gl.constexpr,
     layout: gl.constexpr,
 ):
-    """The per-token scales of the tile at tile_begin (0 past split_end), in ``layout``."""
-    page = _tile_page(tile_begin, split_end, block_table_row_ptr, PAGE_SIZE).to(gl.int64)
+    """The per-token scales of the tile at tile_begin, on ``page`` (0 past split_end), in
+    ``layout``."""
     tokens = tile_begin + gl.arange(0, BLOCK_N, layout)
     return gl.load(
-        latent_scale_ptr + page * scale_stride_page + (tokens % PAGE_SIZE) * scale_stride_token,
+        latent_scale_ptr
+        + page.to(gl.int64) * scale_stride_page
+        + (tokens % PAGE_SIZE) * scale_stride_token,
         mask=tokens < split_end,
         other=0.0,
     )
@@ -220,10 +264,7 @@ def mla_decode_split_sm90_kernel(
     n_rows = q_len * n_heads
     batch64 = batch.to(gl.int64)
     seq_len = gl.load(seq_lens_ptr + batch)
-    tokens_per_split = gl.cdiv(gl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    split_begin = split * tokens_per_split
-    split_end = gl.minimum(split_begin + tokens_per_split, seq_len)
-    n_tiles = gl.maximum(gl.cdiv(split_end - split_begin, BLOCK_N), 0)
+    split_begin, split_end, n_tiles = _split_range(seq_len, split, num_splits, BLOCK_N)
     block_table_row_ptr = block_table_ptr + batch64 * block_table_stride_batch
 
     # Two latent stages: the next tile's copy flies while this one is used. bf16: the value
@@ -240,13 +281,13 @@ def mla_decode_split_sm90_kernel(
 
     # The first tile's copies go out before q is read (fp8: the latent and the rope keys as two
     # commit groups, in the order the loop waits for them).
-    page = _tile_page(split_begin, split_end, block_table_row_ptr, PAGE_SIZE)
+    first_page = _tile_page(split_begin, split_end, block_table_row_ptr, PAGE_SIZE)
     _copy_rows(
         latent_ring.index(0),
         latent_cache_ptr,
         split_begin,
         split_end,
-        page,
+        first_page,
         latent_stride_page,
         latent_stride_token,
         PAGE_SIZE,
@@ -260,7 +301,7 @@ def mla_decode_split_sm90_kernel(
         k_pe_cache_ptr,
         split_begin,
         split_end,
-        page,
+        first_page,
         k_pe_stride_page,
         k_pe_stride_token,
         PAGE_SIZE,
@@ -271,18 +312,19 @@ def mla_decode_split_sm90_kernel(
     page = _tile_page(split_begin + BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE)
 
     # q rows (query x head) into shared memory: the B operands of the key products.
-    q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
+    q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [gl.num_warps(), 1], [1, 0])
     q_rows = head_group * BLOCK_H + gl.arange(0, BLOCK_H, gl.SliceLayout(1, q_layout))
-    q_row_mask = (q_rows < n_rows)[:, None]
-    q_query = q_rows // n_heads
-    q_head = q_rows % n_heads
-    q_latent = gl.load(
-        q_latent_ptr
-        + batch64 * q_latent_stride_batch
-        + (q_query * q_latent_stride_seq + q_head * q_latent_stride_head)[:, None]
-        + gl.arange(0, LATENT_DIM, gl.SliceLayout(0, q_layout))[None, :],
-        mask=q_row_mask,
-        other=0.0,
+    q_latent = _load_q_rows(
+        q_latent_ptr,
+        batch64,
+        q_latent_stride_batch,
+        q_latent_stride_seq,
+        q_latent_stride_head,
+        q_rows,
+        n_heads,
+        n_rows,
+        LATENT_DIM,
+        q_layout,
     )
     if IS_FP8:
         # fp16 holds q scaled by a power of 2 (exact) that puts its largest value in
@@ -300,19 +342,22 @@ def mla_decode_split_sm90_kernel(
         gl.NVMMASharedLayout.get_default_for([BLOCK_H, LATENT_DIM], latent_dtype),
         q_latent,
     )
-    q_pe = gl.load(
-        q_pe_ptr
-        + batch64 * q_pe_stride_batch
-        + (q_query * q_pe_stride_seq + q_head * q_pe_stride_head)[:, None]
-        + gl.arange(0, ROPE_DIM, gl.SliceLayout(0, q_layout))[None, :],
-        mask=q_row_mask,
-        other=0.0,
-    )
     q_pe_smem = gl.allocate_shared_memory(
         dot_dtype,
         [BLOCK_H, ROPE_DIM],
         gl.NVMMASharedLayout.get_default_for([BLOCK_H, ROPE_DIM], dot_dtype),
-        q_pe,
+        _load_q_rows(
+            q_pe_ptr,
+            batch64,
+            q_pe_stride_batch,
+            q_pe_stride_seq,
+            q_pe_stride_head,
+            q_rows,
+            n_heads,
+            n_rows,
+            ROPE_DIM,
+            q_layout,
+        ),
     )
     fence_async_shared()
 
@@ -326,7 +371,7 @@ def mla_decode_split_sm90_kernel(
         next_scales = _tile_scales(
             split_begin,
             split_end,
-            block_table_row_ptr,
+            first_page,
             latent_scale_ptr,
             scale_stride_page,
             scale_stride_token,
@@ -375,7 +420,7 @@ def mla_decode_split_sm90_kernel(
             next_scales = _tile_scales(
                 tile_begin + BLOCK_N,
                 split_end,
-                block_table_row_ptr,
+                page,
                 latent_scale_ptr,
                 scale_stride_page,
                 scale_stride_token,
@@ -516,4 +561,278 @@ def mla_decode_split_sm90_kernel(
             partial_out_ptr + (partial_rows * LATENT_DIM)[None, :] + cols[:, None],
             out,
             mask=row_mask[None, :],
+        )
+
+
+@gluon.jit
+def _copy_tile(
+    latent_destination,
+    k_pe_destination,
+    tile_begin,
+    split_end,
+    page,
+    latent_cache_ptr,
+    k_pe_cache_ptr,
+    latent_stride_page,
+    latent_stride_token: gl.constexpr,
+    k_pe_stride_page,
+    k_pe_stride_token: gl.constexpr,
+    PAGE_SIZE: gl.constexpr,
+    LATENT_DIM: gl.constexpr,
+    ROPE_DIM: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+):
+    """The latent and rope-key copies of one tile as one commit group (see _copy_rows)."""
+    _copy_rows(
+        latent_destination,
+        latent_cache_ptr,
+        tile_begin,
+        split_end,
+        page,
+        latent_stride_page,
+        latent_stride_token,
+        PAGE_SIZE,
+        LATENT_DIM,
+        BLOCK_N,
+    )
+    _copy_rows(
+        k_pe_destination,
+        k_pe_cache_ptr,
+        tile_begin,
+        split_end,
+        page,
+        k_pe_stride_page,
+        k_pe_stride_token,
+        PAGE_SIZE,
+        ROPE_DIM,
+        BLOCK_N,
+    )
+    async_copy.commit_group()
+
+
+@gluon.jit
+def mla_decode_split_sm90_wide_kernel(
+    q_latent_ptr,
+    q_pe_ptr,
+    latent_cache_ptr,
+    k_pe_cache_ptr,
+    latent_scale_ptr,
+    block_table_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    partial_out_ptr,
+    partial_lse_ptr,
+    softmax_scale_log2,
+    q_len,
+    n_heads,
+    q_latent_stride_batch,
+    q_latent_stride_seq,
+    q_latent_stride_head,
+    q_pe_stride_batch,
+    q_pe_stride_seq,
+    q_pe_stride_head,
+    latent_stride_page,
+    latent_stride_token: gl.constexpr,
+    k_pe_stride_page,
+    k_pe_stride_token: gl.constexpr,
+    scale_stride_page,
+    scale_stride_token,
+    block_table_stride_batch,
+    SINGLE_SPLIT: gl.constexpr,
+    PAGE_SIZE: gl.constexpr,
+    LATENT_DIM: gl.constexpr,
+    ROPE_DIM: gl.constexpr,
+    IS_FP8: gl.constexpr,
+    BLOCK_H: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+):
+    """64 query rows per program (128 heads), a 16-bit cache, two warpgroups: the rows are
+    wgmma's M (the compute-bound case: a tile's 64 x 64 scores cost 64 x 576 MACs each).
+
+        scores (rows, tokens) = q @ tile^T     each warpgroup: half the tokens
+        out (rows, 512)      += p @ tile       each warpgroup: half the latent columns
+
+    p goes through shared memory (each warpgroup needs every token's weight). Two stages of
+    tiles, the next one copied while this one is attended to: q (72 KiB) leaves no room for a
+    third, which running the next tile's key product during this tile's softmax would need."""
+    gl.static_assert(not IS_FP8, "the wide kernel reads a 16-bit cache")
+    gl.static_assert(BLOCK_H == 64, "the wide kernel takes 64 rows per program")
+    dtype: gl.constexpr = q_pe_ptr.dtype.element_ty
+    score_mma: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, BLOCK_N // 2, 16]
+    )
+    out_mma: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, LATENT_DIM // 2, 16]
+    )
+    row_layout: gl.constexpr = gl.SliceLayout(1, score_mma)
+    token_layout: gl.constexpr = gl.SliceLayout(0, score_mma)
+    out_row_layout: gl.constexpr = gl.SliceLayout(1, out_mma)
+
+    head_group = gl.program_id(0)
+    batch = gl.program_id(1)
+    split = gl.program_id(2)
+    num_splits = gl.num_programs(2)
+    n_rows = q_len * n_heads
+    batch64 = batch.to(gl.int64)
+    seq_len = gl.load(seq_lens_ptr + batch)
+    split_begin, split_end, n_tiles = _split_range(seq_len, split, num_splits, BLOCK_N)
+    block_table_row_ptr = block_table_ptr + batch64 * block_table_stride_batch
+
+    latent_ring = gl.allocate_shared_memory(
+        dtype,
+        [2, BLOCK_N, LATENT_DIM],
+        gl.NVMMASharedLayout.get_default_for([BLOCK_N, LATENT_DIM], dtype),
+    )
+    k_pe_ring = gl.allocate_shared_memory(
+        dtype,
+        [2, BLOCK_N, ROPE_DIM],
+        gl.NVMMASharedLayout.get_default_for([BLOCK_N, ROPE_DIM], dtype),
+    )
+    p_smem = gl.allocate_shared_memory(
+        dtype, [BLOCK_H, BLOCK_N], gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], dtype)
+    )
+
+    # Tile 0 is copied before q is read; tile i + 1 while tile i is attended to.
+    page = _tile_page(split_begin, split_end, block_table_row_ptr, PAGE_SIZE)
+    _copy_tile(
+        latent_ring.index(0),
+        k_pe_ring.index(0),
+        split_begin,
+        split_end,
+        page,
+        latent_cache_ptr,
+        k_pe_cache_ptr,
+        latent_stride_page,
+        latent_stride_token,
+        k_pe_stride_page,
+        k_pe_stride_token,
+        PAGE_SIZE,
+        LATENT_DIM,
+        ROPE_DIM,
+        BLOCK_N,
+    )
+    page = _tile_page(split_begin + BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE)
+
+    q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [gl.num_warps(), 1], [1, 0])
+    q_rows = head_group * BLOCK_H + gl.arange(0, BLOCK_H, gl.SliceLayout(1, q_layout))
+    q_latent_smem = gl.allocate_shared_memory(
+        dtype,
+        [BLOCK_H, LATENT_DIM],
+        gl.NVMMASharedLayout.get_default_for([BLOCK_H, LATENT_DIM], dtype),
+        _load_q_rows(
+            q_latent_ptr,
+            batch64,
+            q_latent_stride_batch,
+            q_latent_stride_seq,
+            q_latent_stride_head,
+            q_rows,
+            n_heads,
+            n_rows,
+            LATENT_DIM,
+            q_layout,
+        ),
+    )
+    q_pe_smem = gl.allocate_shared_memory(
+        dtype,
+        [BLOCK_H, ROPE_DIM],
+        gl.NVMMASharedLayout.get_default_for([BLOCK_H, ROPE_DIM], dtype),
+        _load_q_rows(
+            q_pe_ptr,
+            batch64,
+            q_pe_stride_batch,
+            q_pe_stride_seq,
+            q_pe_stride_head,
+            q_rows,
+            n_heads,
+            n_rows,
+            ROPE_DIM,
+            q_layout,
+        ),
+    )
+
+    rows = head_group * BLOCK_H + gl.arange(0, BLOCK_H, row_layout)
+    # Causal among the new tokens: query i sees positions <= seq_len - q_len + i.
+    row_limit = seq_len - q_len + rows // n_heads
+    max_score = gl.full([BLOCK_H], -1.0e30, gl.float32, row_layout)
+    denominators = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, score_mma)
+    acc = gl.zeros([BLOCK_H, LATENT_DIM], gl.float32, out_mma)
+    for tile in range(n_tiles):
+        stage = tile % 2
+        tile_begin = split_begin + tile * BLOCK_N
+        # This tile has landed, and both warpgroups are past the previous tile's value product:
+        # the next tile's copy goes to the other stage.
+        async_copy.wait_group(0)
+        fence_async_shared()
+        gl.thread_barrier()
+        _copy_tile(
+            latent_ring.index(1 - stage),
+            k_pe_ring.index(1 - stage),
+            tile_begin + BLOCK_N,
+            split_end,
+            page,
+            latent_cache_ptr,
+            k_pe_cache_ptr,
+            latent_stride_page,
+            latent_stride_token,
+            k_pe_stride_page,
+            k_pe_stride_token,
+            PAGE_SIZE,
+            LATENT_DIM,
+            ROPE_DIM,
+            BLOCK_N,
+        )
+        page = _tile_page(tile_begin + 2 * BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE)
+        scores = warpgroup_mma(
+            q_latent_smem,
+            latent_ring.index(stage).permute((1, 0)),
+            gl.zeros([BLOCK_H, BLOCK_N], gl.float32, score_mma),
+            use_acc=False,
+            is_async=True,
+        )
+        scores = warpgroup_mma(
+            q_pe_smem, k_pe_ring.index(stage).permute((1, 0)), scores, is_async=True
+        )
+        scores = warpgroup_mma_wait(0, deps=(scores,))
+        positions = tile_begin + gl.arange(0, BLOCK_N, token_layout)
+        visible = (positions[None, :] <= row_limit[:, None]) & (positions < split_end)[None, :]
+        scores = gl.where(visible, scores * softmax_scale_log2, -float("inf"))
+        # max_score starts finite: rows that see nothing yet keep alpha = 1 and p = 0.
+        new_max = gl.maximum(max_score, gl.max(scores, axis=1))
+        alpha = gl.exp2(max_score - new_max)
+        p = gl.exp2(scores - new_max[:, None])
+        denominators = denominators * alpha[:, None] + p
+        max_score = new_max
+        p_smem.store(p.to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()
+        acc = acc * gl.convert_layout(alpha, out_row_layout)[:, None]
+        acc = warpgroup_mma(p_smem, latent_ring.index(stage), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+    async_copy.wait_group(0)
+
+    # A row that saw no token has denominator 0: output 0 and lse -inf (log2(0)).
+    denominator = gl.sum(denominators, axis=1)
+    has_tokens = denominator > 0.0
+    safe_denominator = gl.where(has_tokens, denominator, 1.0)
+    out = acc / gl.convert_layout(safe_denominator, out_row_layout)[:, None]
+    rows_of_out = head_group * BLOCK_H + gl.arange(0, BLOCK_H, out_row_layout)
+    out_rows = batch64 * n_rows + rows_of_out
+    out_row_mask = (rows_of_out < n_rows)[:, None]
+    cols = gl.arange(0, LATENT_DIM, gl.SliceLayout(0, out_mma))
+    if SINGLE_SPLIT:
+        gl.store(
+            out_ptr + (out_rows * LATENT_DIM)[:, None] + cols[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=out_row_mask,
+        )
+    else:
+        partial_rows = batch64 * n_rows + rows
+        lse = gl.where(has_tokens, max_score + gl.log2(safe_denominator), -float("inf"))
+        gl.store(partial_lse_ptr + partial_rows * num_splits + split, lse, mask=rows < n_rows)
+        gl.store(
+            partial_out_ptr
+            + ((out_rows * num_splits + split) * LATENT_DIM)[:, None]
+            + cols[None, :],
+            out,
+            mask=out_row_mask,
         )
