@@ -209,9 +209,8 @@ def tuning_candidates(key: tuple[str, int, bool], smoke: bool) -> list[DecodeCon
     that compile for sm_90 without register spills and within shared memory (ptxas -v, checked by
     hand), each with the split heuristic aiming at a few programs per SM (fewer, longer splits for
     long single sequences); where a Gluon kernel takes the key (sm_90), also that kernel at
-    those targets. 128 heads
-    never split (the fp32 partials would cost more than the cache), so there only the tile shape
-    varies."""
+    those targets. At 64 rows (128 heads) only the tile shape varies: the fp32 partials there
+    cost as much as the cache, so the heuristic splits only to fill a wave."""
     kind, block_h, few_programs = key
     if block_h < 64:
         # (block_n, num_warps, num_stages, prefetch, fp8_grouped_dots)

@@ -522,8 +522,7 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
             signature.update(latent_cache_ptr="*fp8e4nv", latent_scale_ptr="*fp32")
         # Token strides are constexprs: the engine's pools (bf16: one 576-wide pool).
         constants = dict(SINGLE_SPLIT=False, PAGE_SIZE=64, LATENT_DIM=512, ROPE_DIM=64,
-                         IS_FP8=fp8, BLOCK_H=block_h,
-                         BLOCK_N=m.sm90.BLOCK_N,
+                         IS_FP8=fp8, BLOCK_H=block_h, BLOCK_N=m.sm90.BLOCK_N,
                          latent_stride_token=512 if fp8 else 576,
                          k_pe_stride_token=64 if fp8 else 576)
         build = compile_for_sm90(gluon, signature, constants, num_warps)
@@ -536,8 +535,7 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
     combine = m._mla_decode_combine_kernel
     compile_for_sm90(combine,
                      dict(partial_out_ptr="*fp32", partial_lse_ptr="*fp32", out_ptr="*bf16"),
-                     dict(NUM_SPLITS=5, LATENT_DIM=512, BLOCK_SPLITS=8, BLOCK_D=512),
-                     num_warps=4)
+                     dict(NUM_SPLITS=5, LATENT_DIM=512, BLOCK_SPLITS=8, BLOCK_D=512), num_warps=4)
     sys.exit(f"spills, too much shared memory or serialized wgmma: {failures}" if failures else 0)
     """
 )

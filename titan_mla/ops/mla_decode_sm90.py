@@ -9,9 +9,9 @@ combine kernel merges the splits), for pages of a multiple of 64 tokens:
 - ``mla_decode_split_sm90_wide_kernel``, the compute-bound case: 64 query rows per program (128
   heads) as wgmma's M, two warpgroups, a bf16/fp16 cache (see its docstring).
 
-Why a token-major kernel: with 16 query rows the Triton kernel's dots are mma.sync chains that re-read
-q and every tile from shared memory per warp, and an 8-bit tile cannot be read transposed from
-shared memory (the value product gathers it byte by byte). Here the tokens are the M dimension
+Why a token-major kernel: with 16 query rows the Triton kernel's dots are mma.sync chains that
+re-read q and every tile from shared memory per warp, and an 8-bit tile cannot be read transposed
+from shared memory (the value product gathers it byte by byte). Here the tokens are the M dimension
 of both products (wgmma needs M >= 64; 16 heads are its N):
 
     scores^T (tokens, rows)  = latent_tile (tokens, 512) @ q_latent^T + k_pe_tile @ q_pe^T
@@ -127,6 +127,52 @@ def _stage_next_tile(
     staged.index(convert_stage).store(
         latent_ring.index(convert_stage).load(convert_layout).to(staged.dtype)
     )
+
+
+@gluon.jit
+def _copy_tile(
+    latent_destination,
+    k_pe_destination,
+    tile_begin,
+    split_end,
+    page,
+    latent_cache_ptr,
+    k_pe_cache_ptr,
+    latent_stride_page,
+    latent_stride_token: gl.constexpr,
+    k_pe_stride_page,
+    k_pe_stride_token: gl.constexpr,
+    PAGE_SIZE: gl.constexpr,
+    LATENT_DIM: gl.constexpr,
+    ROPE_DIM: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+):
+    """The latent and rope-key copies of one tile as one commit group (see _copy_rows)."""
+    _copy_rows(
+        latent_destination,
+        latent_cache_ptr,
+        tile_begin,
+        split_end,
+        page,
+        latent_stride_page,
+        latent_stride_token,
+        PAGE_SIZE,
+        LATENT_DIM,
+        BLOCK_N,
+    )
+    _copy_rows(
+        k_pe_destination,
+        k_pe_cache_ptr,
+        tile_begin,
+        split_end,
+        page,
+        k_pe_stride_page,
+        k_pe_stride_token,
+        PAGE_SIZE,
+        ROPE_DIM,
+        BLOCK_N,
+    )
+    async_copy.commit_group()
 
 
 @gluon.jit
@@ -434,31 +480,23 @@ def mla_decode_split_sm90_kernel(
             async_copy.wait_group(0)
             fence_async_shared()
             gl.thread_barrier()
-            _copy_rows(
+            _copy_tile(
                 latent_ring.index(1 - stage),
-                latent_cache_ptr,
+                k_pe_buffers.index(1 - stage),
                 tile_begin + BLOCK_N,
                 split_end,
                 page,
+                latent_cache_ptr,
+                k_pe_cache_ptr,
                 latent_stride_page,
                 latent_stride_token,
-                PAGE_SIZE,
-                LATENT_DIM,
-                BLOCK_N,
-            )
-            _copy_rows(
-                k_pe_buffers.index(1 - stage),
-                k_pe_cache_ptr,
-                tile_begin + BLOCK_N,
-                split_end,
-                page,
                 k_pe_stride_page,
                 k_pe_stride_token,
                 PAGE_SIZE,
+                LATENT_DIM,
                 ROPE_DIM,
                 BLOCK_N,
             )
-            async_copy.commit_group()
             # Read one iteration ahead, so that no copy waits on its table read.
             page = _tile_page(tile_begin + 2 * BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE)
             latent = latent_ring.index(stage)
@@ -562,52 +600,6 @@ def mla_decode_split_sm90_kernel(
             out,
             mask=row_mask[None, :],
         )
-
-
-@gluon.jit
-def _copy_tile(
-    latent_destination,
-    k_pe_destination,
-    tile_begin,
-    split_end,
-    page,
-    latent_cache_ptr,
-    k_pe_cache_ptr,
-    latent_stride_page,
-    latent_stride_token: gl.constexpr,
-    k_pe_stride_page,
-    k_pe_stride_token: gl.constexpr,
-    PAGE_SIZE: gl.constexpr,
-    LATENT_DIM: gl.constexpr,
-    ROPE_DIM: gl.constexpr,
-    BLOCK_N: gl.constexpr,
-):
-    """The latent and rope-key copies of one tile as one commit group (see _copy_rows)."""
-    _copy_rows(
-        latent_destination,
-        latent_cache_ptr,
-        tile_begin,
-        split_end,
-        page,
-        latent_stride_page,
-        latent_stride_token,
-        PAGE_SIZE,
-        LATENT_DIM,
-        BLOCK_N,
-    )
-    _copy_rows(
-        k_pe_destination,
-        k_pe_cache_ptr,
-        tile_begin,
-        split_end,
-        page,
-        k_pe_stride_page,
-        k_pe_stride_token,
-        PAGE_SIZE,
-        ROPE_DIM,
-        BLOCK_N,
-    )
-    async_copy.commit_group()
 
 
 @gluon.jit
