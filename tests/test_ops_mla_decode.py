@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
+from expecttest import assert_expected_inline
 from helpers import relative_error, requires_cuda, run_without_interpreter
 
 from titan_mla.ops import mla_decode as mla_decode_module
@@ -401,6 +402,40 @@ def test_default_config_reads_the_tuned_table(monkeypatch):
         config(1, 16, torch.bfloat16, "fp8_token", 132)
     # fp32 (tests): small tiles whatever the table says.
     assert config(1, 16, torch.float32, "bf16", 132).block_n == 16
+
+
+def test_sm90_gluon_kernel_choice():
+    """The Gluon kernel (and warp count) that takes a call on sm_90, by rows per program, page
+    size and cache format; None leaves the call to the Triton-language kernel."""
+    cases = [
+        (16, 64, torch.bfloat16, 0),
+        (16, 128, torch.float16, 0),
+        (16, 64, torch.float8_e4m3fn, 1),
+        (16, 64, torch.float8_e4m3fn, 4),
+        (16, 32, torch.bfloat16, 0),
+        (32, 64, torch.bfloat16, 0),
+        (64, 64, torch.bfloat16, 0),
+        (64, 64, torch.float8_e4m3fn, 1),
+        (64, 64, torch.float32, 0),
+    ]
+    lines = []
+    for block_h, page_size, dtype, scale_groups in cases:
+        found = sm90_gluon_kernel(block_h, page_size, dtype, scale_groups)
+        name = "-" if found is None else f"{found[0].__name__}, {found[1]} warps"
+        lines.append(f"{block_h} rows, pages of {page_size}, {dtype}, {scale_groups}: {name}")
+    assert_expected_inline(
+        "\n".join(lines),
+        """\
+16 rows, pages of 64, torch.bfloat16, 0: mla_decode_split_sm90_kernel, 4 warps
+16 rows, pages of 128, torch.float16, 0: mla_decode_split_sm90_kernel, 4 warps
+16 rows, pages of 64, torch.float8_e4m3fn, 1: mla_decode_split_sm90_kernel, 4 warps
+16 rows, pages of 64, torch.float8_e4m3fn, 4: -
+16 rows, pages of 32, torch.bfloat16, 0: -
+32 rows, pages of 64, torch.bfloat16, 0: -
+64 rows, pages of 64, torch.bfloat16, 0: mla_decode_split_sm90_wide_kernel, 8 warps
+64 rows, pages of 64, torch.float8_e4m3fn, 1: -
+64 rows, pages of 64, torch.float32, 0: -""",
+    )
 
 
 def test_cpu_branch_follows_triton_interpret():
