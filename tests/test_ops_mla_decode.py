@@ -416,6 +416,7 @@ def test_sm90_gluon_kernel_choice():
         (32, 64, torch.bfloat16, 0),
         (64, 64, torch.bfloat16, 0),
         (64, 64, torch.float8_e4m3fn, 1),
+        (64, 64, torch.float8_e4m3fn, 4),
         (64, 64, torch.float32, 0),
     ]
     lines = []
@@ -433,7 +434,8 @@ def test_sm90_gluon_kernel_choice():
 16 rows, pages of 32, torch.bfloat16, 0: -
 32 rows, pages of 64, torch.bfloat16, 0: -
 64 rows, pages of 64, torch.bfloat16, 0: mla_decode_split_sm90_wide_kernel, 8 warps
-64 rows, pages of 64, torch.float8_e4m3fn, 1: -
+64 rows, pages of 64, torch.float8_e4m3fn, 1: mla_decode_split_sm90_wide_kernel, 8 warps
+64 rows, pages of 64, torch.float8_e4m3fn, 4: -
 64 rows, pages of 64, torch.float32, 0: -""",
     )
 
@@ -628,8 +630,8 @@ def test_cuda_1b_shapes(dims, q_len):
 )
 @pytest.mark.parametrize(
     ("fp8", "heads", "q_len"),
-    [(False, 16, 1), (True, 16, 1), (False, 128, 1), (False, 128, 2)],
-    ids=["bf16-h16", "fp8-h16", "bf16-h128", "bf16-h128-q2"],
+    [(False, 16, 1), (True, 16, 1), (False, 128, 1), (False, 128, 2), (True, 128, 1)],
+    ids=["bf16-h16", "fp8-h16", "bf16-h128", "bf16-h128-q2", "fp8-h128"],
 )
 @pytest.mark.parametrize("page_size", [64, 128])
 def test_cuda_sm90_gluon_kernels(fp8, heads, q_len, page_size):
@@ -656,6 +658,8 @@ def test_cuda_sm90_gluon_kernels(fp8, heads, q_len, page_size):
     # The Triton-language kernel's tuned tiles at these row counts.
     if heads == 16:
         language = DecodeConfig(16, 32, 4, 3, prefetch=False)
+    elif fp8:
+        language = DecodeConfig(64, 32, 8, 3, prefetch=False)
     else:
         language = DecodeConfig(64, 64, 8, 2, prefetch=False)
     assert sm90_gluon_kernel(language.block_h, page_size, latent.dtype, int(fp8))

@@ -37,9 +37,9 @@ cache reads too): every latent row is loaded once per program and used twice, as
 ``q_latent @ latent^T`` and as the value of ``p @ latent``. Softmax and accumulation are float32.
 Launch shapes depend only on tensor shapes (num_splits is a Python int), so a call can be captured
 in a CUDA graph; splits past a sequence's end find no tokens and write an empty partial. On sm_90
-(pages of a multiple of 64 tokens), programs of at most 16 query rows (a bf16/fp16 cache or fp8
-with per-token scales) and of 64 rows (a bf16/fp16 cache) take the Gluon split kernels of
-mla_decode_sm90 instead, with the same partial outputs and combine (DecodeConfig.sm90_gluon).
+(pages of a multiple of 64 tokens, a bf16/fp16 cache or fp8 with per-token scales), programs of at
+most 16 query rows and of 64 rows take the Gluon split kernels of mla_decode_sm90 instead, with the
+same partial outputs and combine (DecodeConfig.sm90_gluon).
 
 Launch parameters (DecodeConfig: rows per program, tile size, warps, stages, register prefetch,
 the split heuristic's programs per SM, the fp8 scale handling) come from the TUNED_CONFIGS table,
@@ -698,7 +698,7 @@ TUNED_CONFIGS: dict[tuple[str, int, bool], DecodeConfig] = {
     ("fp8_token", 16, True): DecodeConfig(
         16, 64, 8, 3, False, programs_per_sm=1.0, sm90_gluon=True
     ),
-    ("fp8_token", 64, False): DecodeConfig(64, 32, 8, 3, prefetch=False),
+    ("fp8_token", 64, False): DecodeConfig(64, 32, 8, 3, prefetch=False, sm90_gluon=True),
 }
 
 
@@ -741,15 +741,16 @@ def sm90_gluon_kernel(
     block_h: int, page_size: int, cache_dtype: torch.dtype, scale_groups: int
 ) -> tuple[triton.JITFunction, int] | None:
     """The Gluon split kernel of mla_decode_sm90 (with its warp count) that takes, on sm_90, a
-    call of ``block_h`` rows per program, or None. Both need whole 64-token tiles per page; the
-    token-major kernel takes up to 16 rows on a 16-bit cache or fp8 with per-token scales, the
-    wide kernel 64 rows on a 16-bit cache."""
-    if page_size % sm90.BLOCK_N:
+    call of ``block_h`` rows per program, or None. Both read whole 64-token tiles per page of a
+    16-bit cache or an fp8 one with per-token scales; the token-major kernel takes up to 16 rows,
+    the wide kernel 64."""
+    if page_size % sm90.BLOCK_N or not (
+        cache_dtype in (torch.bfloat16, torch.float16) or scale_groups == 1
+    ):
         return None
-    sixteen_bit = cache_dtype in (torch.bfloat16, torch.float16)
-    if block_h <= sm90.MAX_ROWS and (sixteen_bit or scale_groups == 1):
+    if block_h <= sm90.MAX_ROWS:
         return sm90.mla_decode_split_sm90_kernel, sm90.NUM_WARPS
-    if block_h == sm90.WIDE_ROWS and sixteen_bit:
+    if block_h == sm90.WIDE_ROWS:
         return sm90.mla_decode_split_sm90_wide_kernel, sm90.WIDE_NUM_WARPS
     return None
 

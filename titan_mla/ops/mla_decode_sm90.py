@@ -7,7 +7,7 @@ combine kernel merges the splits), for pages of a multiple of 64 tokens:
   staged once in shared memory, at most 16 query rows per program, a bf16/fp16 cache or an fp8
   cache with one scale per token (described below).
 - ``mla_decode_split_sm90_wide_kernel``, the compute-bound case: 64 query rows per program (128
-  heads) as wgmma's M, two warpgroups, a bf16/fp16 cache (see its docstring).
+  heads) as wgmma's M, two warpgroups, the same caches (see its docstring).
 
 Why a token-major kernel: with 16 query rows the Triton kernel's dots are mma.sync chains that
 re-read q and every tile from shared memory per warp, and an 8-bit tile cannot be read transposed
@@ -211,6 +211,19 @@ def _load_q_rows(
 
 
 @gluon.jit
+def _q_in_fp16_range(q_latent):
+    """q_latent in fp16 for an fp8 tile's latent products, and the factor that takes the scores
+    back: fp16 holds q scaled by a power of 2 (exact) that puts its largest value in
+    [2^12, 2^14), so no overflow, and rows 2^26 times smaller stay normal."""
+    q_abs_max = gl.max(gl.max(gl.abs(q_latent.to(gl.float32)), axis=1), axis=0)
+    exponent = gl.where(q_abs_max > 0.0, gl.floor(gl.log2(q_abs_max)) - 12.0, 0.0)
+    exponent = gl.minimum(gl.maximum(exponent, -100.0), 100.0).to(gl.int32)
+    q_down = ((127 - exponent) << 23).to(gl.float32, bitcast=True)
+    q_up = ((127 + exponent) << 23).to(gl.float32, bitcast=True)
+    return (q_latent.to(gl.float32) * q_down).to(gl.float16), q_up
+
+
+@gluon.jit
 def _tile_page(tile_begin, split_end, block_table_row_ptr, PAGE_SIZE: gl.constexpr):
     """The page id of the tile at tile_begin (0 past split_end: table entries past a sequence's
     pages are never read)."""
@@ -373,15 +386,7 @@ def mla_decode_split_sm90_kernel(
         q_layout,
     )
     if IS_FP8:
-        # fp16 holds q scaled by a power of 2 (exact) that puts its largest value in
-        # [2^12, 2^14): no overflow, and rows 2^26 times smaller still normal; the scores take
-        # the inverse back (with the token scales).
-        q_abs_max = gl.max(gl.max(gl.abs(q_latent.to(gl.float32)), axis=1), axis=0)
-        exponent = gl.where(q_abs_max > 0.0, gl.floor(gl.log2(q_abs_max)) - 12.0, 0.0)
-        exponent = gl.minimum(gl.maximum(exponent, -100.0), 100.0).to(gl.int32)
-        q_down = ((127 - exponent) << 23).to(gl.float32, bitcast=True)
-        q_up = ((127 + exponent) << 23).to(gl.float32, bitcast=True)
-        q_latent = (q_latent.to(gl.float32) * q_down).to(latent_dtype)
+        q_latent, q_up = _q_in_fp16_range(q_latent)
     q_latent_smem = gl.allocate_shared_memory(
         latent_dtype,
         [BLOCK_H, LATENT_DIM],
@@ -603,6 +608,17 @@ def mla_decode_split_sm90_kernel(
 
 
 @gluon.jit
+def _convert_rows(source, destination, ROWS: gl.constexpr = 16):
+    """Converts the fp8 tile ``source`` into ``destination`` (fp16), ROWS rows at a time: fewer
+    registers held at once than a whole tile (the wide kernel's accumulator takes 128)."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [gl.num_warps() // 4, 4], [1, 0])
+    for chunk in gl.static_range(source.shape[0] // ROWS):
+        destination.slice(chunk * ROWS, ROWS).store(
+            source.slice(chunk * ROWS, ROWS).load(layout).to(destination.dtype)
+        )
+
+
+@gluon.jit
 def mla_decode_split_sm90_wide_kernel(
     q_latent_ptr,
     q_pe_ptr,
@@ -638,18 +654,24 @@ def mla_decode_split_sm90_wide_kernel(
     BLOCK_H: gl.constexpr,
     BLOCK_N: gl.constexpr,
 ):
-    """64 query rows per program (128 heads), a 16-bit cache, two warpgroups: the rows are
-    wgmma's M (the compute-bound case: a tile's 64 x 64 scores cost 64 x 576 MACs each).
+    """64 query rows per program (128 heads), two warpgroups: the rows are wgmma's M (the
+    compute-bound case: a tile's 64 x 64 scores cost 64 x 576 MACs each).
 
         scores (rows, tokens) = q @ tile^T     each warpgroup: half the tokens
         out (rows, 512)      += p @ tile       each warpgroup: half the latent columns
 
     p goes through shared memory (each warpgroup needs every token's weight). Two stages of
     tiles, the next one copied while this one is attended to: q (72 KiB) leaves no room for a
-    third, which running the next tile's key product during this tile's softmax would need."""
-    gl.static_assert(not IS_FP8, "the wide kernel reads a 16-bit cache")
+    third, which running the next tile's key product during this tile's softmax would need. An
+    fp8 tile (one scale per token) is converted into one fp16 staging buffer before its
+    products, with the token-major kernel's scaling of q, the scores and the weights."""
     gl.static_assert(BLOCK_H == 64, "the wide kernel takes 64 rows per program")
-    dtype: gl.constexpr = q_pe_ptr.dtype.element_ty
+    dot_dtype: gl.constexpr = q_pe_ptr.dtype.element_ty
+    cache_dtype: gl.constexpr = latent_cache_ptr.dtype.element_ty
+    if IS_FP8:
+        latent_dtype: gl.constexpr = gl.float16
+    else:
+        latent_dtype: gl.constexpr = dot_dtype
     score_mma: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, BLOCK_N // 2, 16]
     )
@@ -671,17 +693,25 @@ def mla_decode_split_sm90_wide_kernel(
     block_table_row_ptr = block_table_ptr + batch64 * block_table_stride_batch
 
     latent_ring = gl.allocate_shared_memory(
-        dtype,
+        cache_dtype,
         [2, BLOCK_N, LATENT_DIM],
-        gl.NVMMASharedLayout.get_default_for([BLOCK_N, LATENT_DIM], dtype),
+        gl.NVMMASharedLayout.get_default_for([BLOCK_N, LATENT_DIM], cache_dtype),
     )
     k_pe_ring = gl.allocate_shared_memory(
-        dtype,
+        dot_dtype,
         [2, BLOCK_N, ROPE_DIM],
-        gl.NVMMASharedLayout.get_default_for([BLOCK_N, ROPE_DIM], dtype),
+        gl.NVMMASharedLayout.get_default_for([BLOCK_N, ROPE_DIM], dot_dtype),
     )
+    if IS_FP8:
+        staged = gl.allocate_shared_memory(
+            latent_dtype,
+            [BLOCK_N, LATENT_DIM],
+            gl.NVMMASharedLayout.get_default_for([BLOCK_N, LATENT_DIM], latent_dtype),
+        )
     p_smem = gl.allocate_shared_memory(
-        dtype, [BLOCK_H, BLOCK_N], gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], dtype)
+        latent_dtype,
+        [BLOCK_H, BLOCK_N],
+        gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], latent_dtype),
     )
 
     # Tile 0 is copied before q is read; tile i + 1 while tile i is attended to.
@@ -703,31 +733,35 @@ def mla_decode_split_sm90_wide_kernel(
         ROPE_DIM,
         BLOCK_N,
     )
+    tile_page = page
     page = _tile_page(split_begin + BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE)
 
     q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [gl.num_warps(), 1], [1, 0])
     q_rows = head_group * BLOCK_H + gl.arange(0, BLOCK_H, gl.SliceLayout(1, q_layout))
+    q_latent = _load_q_rows(
+        q_latent_ptr,
+        batch64,
+        q_latent_stride_batch,
+        q_latent_stride_seq,
+        q_latent_stride_head,
+        q_rows,
+        n_heads,
+        n_rows,
+        LATENT_DIM,
+        q_layout,
+    )
+    if IS_FP8:
+        q_latent, q_up = _q_in_fp16_range(q_latent)
     q_latent_smem = gl.allocate_shared_memory(
-        dtype,
+        latent_dtype,
         [BLOCK_H, LATENT_DIM],
-        gl.NVMMASharedLayout.get_default_for([BLOCK_H, LATENT_DIM], dtype),
-        _load_q_rows(
-            q_latent_ptr,
-            batch64,
-            q_latent_stride_batch,
-            q_latent_stride_seq,
-            q_latent_stride_head,
-            q_rows,
-            n_heads,
-            n_rows,
-            LATENT_DIM,
-            q_layout,
-        ),
+        gl.NVMMASharedLayout.get_default_for([BLOCK_H, LATENT_DIM], latent_dtype),
+        q_latent,
     )
     q_pe_smem = gl.allocate_shared_memory(
-        dtype,
+        dot_dtype,
         [BLOCK_H, ROPE_DIM],
-        gl.NVMMASharedLayout.get_default_for([BLOCK_H, ROPE_DIM], dtype),
+        gl.NVMMASharedLayout.get_default_for([BLOCK_H, ROPE_DIM], dot_dtype),
         _load_q_rows(
             q_pe_ptr,
             batch64,
@@ -773,18 +807,41 @@ def mla_decode_split_sm90_wide_kernel(
             ROPE_DIM,
             BLOCK_N,
         )
+        if IS_FP8:
+            token_scale = _tile_scales(
+                tile_begin,
+                split_end,
+                tile_page,
+                latent_scale_ptr,
+                scale_stride_page,
+                scale_stride_token,
+                PAGE_SIZE,
+                BLOCK_N,
+                token_layout,
+            )
+            _convert_rows(latent_ring.index(stage), staged)
+            fence_async_shared()
+            gl.thread_barrier()
+            latent = staged
+        else:
+            latent = latent_ring.index(stage)
+        tile_page = page
         page = _tile_page(tile_begin + 2 * BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE)
+        no_scores = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, score_mma)
         scores = warpgroup_mma(
-            q_latent_smem,
-            latent_ring.index(stage).permute((1, 0)),
-            gl.zeros([BLOCK_H, BLOCK_N], gl.float32, score_mma),
-            use_acc=False,
-            is_async=True,
+            q_latent_smem, latent.permute((1, 0)), no_scores, use_acc=False, is_async=True
         )
-        scores = warpgroup_mma(
-            q_pe_smem, k_pe_ring.index(stage).permute((1, 0)), scores, is_async=True
-        )
-        scores = warpgroup_mma_wait(0, deps=(scores,))
+        k_pe_tile = k_pe_ring.index(stage).permute((1, 0))
+        if IS_FP8:
+            # The token's scale multiplies its latent score only (the rope key is not fp8).
+            rope_scores = warpgroup_mma(
+                q_pe_smem, k_pe_tile, no_scores, use_acc=False, is_async=True
+            )
+            scores, rope_scores = warpgroup_mma_wait(0, deps=(scores, rope_scores))
+            scores = scores * (token_scale * q_up)[None, :] + rope_scores
+        else:
+            scores = warpgroup_mma(q_pe_smem, k_pe_tile, scores, is_async=True)
+            scores = warpgroup_mma_wait(0, deps=(scores,))
         positions = tile_begin + gl.arange(0, BLOCK_N, token_layout)
         visible = (positions[None, :] <= row_limit[:, None]) & (positions < split_end)[None, :]
         scores = gl.where(visible, scores * softmax_scale_log2, -float("inf"))
@@ -794,11 +851,13 @@ def mla_decode_split_sm90_wide_kernel(
         p = gl.exp2(scores - new_max[:, None])
         denominators = denominators * alpha[:, None] + p
         max_score = new_max
-        p_smem.store(p.to(dtype))
+        if IS_FP8:
+            p = p * (token_scale * P_GAIN)[None, :]
+        p_smem.store(p.to(latent_dtype))
         fence_async_shared()
         gl.thread_barrier()
         acc = acc * gl.convert_layout(alpha, out_row_layout)[:, None]
-        acc = warpgroup_mma(p_smem, latent_ring.index(stage), acc, is_async=True)
+        acc = warpgroup_mma(p_smem, latent, acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=(acc,))
     async_copy.wait_group(0)
 
@@ -806,7 +865,10 @@ def mla_decode_split_sm90_wide_kernel(
     denominator = gl.sum(denominators, axis=1)
     has_tokens = denominator > 0.0
     safe_denominator = gl.where(has_tokens, denominator, 1.0)
-    out = acc / gl.convert_layout(safe_denominator, out_row_layout)[:, None]
+    if IS_FP8:
+        out = acc / gl.convert_layout(safe_denominator * P_GAIN, out_row_layout)[:, None]
+    else:
+        out = acc / gl.convert_layout(safe_denominator, out_row_layout)[:, None]
     rows_of_out = head_group * BLOCK_H + gl.arange(0, BLOCK_H, out_row_layout)
     out_rows = batch64 * n_rows + rows_of_out
     out_row_mask = (rows_of_out < n_rows)[:, None]
