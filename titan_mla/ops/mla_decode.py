@@ -681,10 +681,11 @@ class DecodeConfig:
 # stages; benchmarks/results/raw/mla_decode_fp8_token_sweep-h100/). fp8 with group scales: the
 # --tune run at 16ed0bd (register prefetch, except at 64 rows, where that would spill). fp8 with
 # per-token scales: the same sweep (64-token tiles, 8 warps, 3 stages the fastest at every shape).
-# On sm_90 the 16-row bf16 and fp8-per-token keys take the token-major Gluon kernel and the 64-row
-# bf16 key the wide one (sm90_gluon; the Triton fields stay the fallback elsewhere): H100 same-run
-# A/Bs in benchmarks/results/raw/mla_decode_gluon_ab-h100/ (programs per SM 1-8 within 2% of each
-# other there) and mla_decode_wide_h128-h100/ (128 heads: 315 vs 195 TFLOP/s at batch 128).
+# On sm_90 the bf16 and fp8-per-token keys take the Gluon kernels, token-major at 16 rows and wide
+# at 64 (sm90_gluon; the Triton fields stay the fallback elsewhere): H100 same-run A/Bs in
+# benchmarks/results/raw/mla_decode_gluon_ab-h100/ (programs per SM 1-8 within 2% of each other
+# there) and mla_decode_wide_h128-h100/ (128 heads at batch 128: bf16 315 vs 195 TFLOP/s, fp8
+# 243 vs 103).
 TUNED_CONFIGS: dict[tuple[str, int, bool], DecodeConfig] = {
     ("bf16", 16, False): DecodeConfig(16, 32, 4, 3, False, programs_per_sm=2.0, sm90_gluon=True),
     ("bf16", 16, True): DecodeConfig(16, 32, 4, 3, False, programs_per_sm=1.0, sm90_gluon=True),
