@@ -630,8 +630,15 @@ def test_cuda_1b_shapes(dims, q_len):
 )
 @pytest.mark.parametrize(
     ("fp8", "heads", "q_len"),
-    [(False, 16, 1), (True, 16, 1), (False, 128, 1), (False, 128, 2), (True, 128, 1)],
-    ids=["bf16-h16", "fp8-h16", "bf16-h128", "bf16-h128-q2", "fp8-h128"],
+    [
+        (False, 16, 1),
+        (True, 16, 1),
+        (False, 128, 1),
+        (False, 128, 2),
+        (True, 128, 1),
+        (True, 128, 2),
+    ],
+    ids=["bf16-h16", "fp8-h16", "bf16-h128", "bf16-h128-q2", "fp8-h128", "fp8-h128-q2"],
 )
 @pytest.mark.parametrize("page_size", [64, 128])
 def test_cuda_sm90_gluon_kernels(fp8, heads, q_len, page_size):
