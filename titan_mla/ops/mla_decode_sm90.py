@@ -224,6 +224,73 @@ def _q_in_fp16_range(q_latent):
 
 
 @gluon.jit
+def _q_to_shared(
+    q_latent_ptr,
+    q_pe_ptr,
+    batch64,
+    q_latent_stride_batch,
+    q_latent_stride_seq,
+    q_latent_stride_head,
+    q_pe_stride_batch,
+    q_pe_stride_seq,
+    q_pe_stride_head,
+    head_group,
+    n_heads,
+    n_rows,
+    BLOCK_H: gl.constexpr,
+    LATENT_DIM: gl.constexpr,
+    ROPE_DIM: gl.constexpr,
+    IS_FP8: gl.constexpr,
+):
+    """This program's q rows in shared memory, (BLOCK_H, width) for wgmma: the latent part (for
+    an fp8 cache in fp16, see _q_in_fp16_range) and the rope part, and the factor that takes the
+    latent scores back (1 without fp8)."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [gl.num_warps(), 1], [1, 0])
+    q_rows = head_group * BLOCK_H + gl.arange(0, BLOCK_H, gl.SliceLayout(1, layout))
+    q_latent = _load_q_rows(
+        q_latent_ptr,
+        batch64,
+        q_latent_stride_batch,
+        q_latent_stride_seq,
+        q_latent_stride_head,
+        q_rows,
+        n_heads,
+        n_rows,
+        LATENT_DIM,
+        layout,
+    )
+    if IS_FP8:
+        q_latent, q_up = _q_in_fp16_range(q_latent)
+    else:
+        q_up = 1.0
+    q_latent_smem = gl.allocate_shared_memory(
+        q_latent.dtype,
+        [BLOCK_H, LATENT_DIM],
+        gl.NVMMASharedLayout.get_default_for([BLOCK_H, LATENT_DIM], q_latent.dtype),
+        q_latent,
+    )
+    q_pe = _load_q_rows(
+        q_pe_ptr,
+        batch64,
+        q_pe_stride_batch,
+        q_pe_stride_seq,
+        q_pe_stride_head,
+        q_rows,
+        n_heads,
+        n_rows,
+        ROPE_DIM,
+        layout,
+    )
+    q_pe_smem = gl.allocate_shared_memory(
+        q_pe.dtype,
+        [BLOCK_H, ROPE_DIM],
+        gl.NVMMASharedLayout.get_default_for([BLOCK_H, ROPE_DIM], q_pe.dtype),
+        q_pe,
+    )
+    return q_latent_smem, q_pe_smem, q_up
+
+
+@gluon.jit
 def _tile_page(tile_begin, split_end, block_table_row_ptr, PAGE_SIZE: gl.constexpr):
     """The page id of the tile at tile_begin (0 past split_end: table entries past a sequence's
     pages are never read)."""
@@ -371,44 +438,23 @@ def mla_decode_split_sm90_kernel(
     page = _tile_page(split_begin + BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE)
 
     # q rows (query x head) into shared memory: the B operands of the key products.
-    q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [gl.num_warps(), 1], [1, 0])
-    q_rows = head_group * BLOCK_H + gl.arange(0, BLOCK_H, gl.SliceLayout(1, q_layout))
-    q_latent = _load_q_rows(
+    q_latent_smem, q_pe_smem, q_up = _q_to_shared(
         q_latent_ptr,
+        q_pe_ptr,
         batch64,
         q_latent_stride_batch,
         q_latent_stride_seq,
         q_latent_stride_head,
-        q_rows,
+        q_pe_stride_batch,
+        q_pe_stride_seq,
+        q_pe_stride_head,
+        head_group,
         n_heads,
         n_rows,
+        BLOCK_H,
         LATENT_DIM,
-        q_layout,
-    )
-    if IS_FP8:
-        q_latent, q_up = _q_in_fp16_range(q_latent)
-    q_latent_smem = gl.allocate_shared_memory(
-        latent_dtype,
-        [BLOCK_H, LATENT_DIM],
-        gl.NVMMASharedLayout.get_default_for([BLOCK_H, LATENT_DIM], latent_dtype),
-        q_latent,
-    )
-    q_pe_smem = gl.allocate_shared_memory(
-        dot_dtype,
-        [BLOCK_H, ROPE_DIM],
-        gl.NVMMASharedLayout.get_default_for([BLOCK_H, ROPE_DIM], dot_dtype),
-        _load_q_rows(
-            q_pe_ptr,
-            batch64,
-            q_pe_stride_batch,
-            q_pe_stride_seq,
-            q_pe_stride_head,
-            q_rows,
-            n_heads,
-            n_rows,
-            ROPE_DIM,
-            q_layout,
-        ),
+        ROPE_DIM,
+        IS_FP8,
     )
     fence_async_shared()
 
@@ -736,44 +782,24 @@ def mla_decode_split_sm90_wide_kernel(
     tile_page = page
     page = _tile_page(split_begin + BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE)
 
-    q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [gl.num_warps(), 1], [1, 0])
-    q_rows = head_group * BLOCK_H + gl.arange(0, BLOCK_H, gl.SliceLayout(1, q_layout))
-    q_latent = _load_q_rows(
+    # q rows (query x head) into shared memory: the A operands of the key products.
+    q_latent_smem, q_pe_smem, q_up = _q_to_shared(
         q_latent_ptr,
+        q_pe_ptr,
         batch64,
         q_latent_stride_batch,
         q_latent_stride_seq,
         q_latent_stride_head,
-        q_rows,
+        q_pe_stride_batch,
+        q_pe_stride_seq,
+        q_pe_stride_head,
+        head_group,
         n_heads,
         n_rows,
+        BLOCK_H,
         LATENT_DIM,
-        q_layout,
-    )
-    if IS_FP8:
-        q_latent, q_up = _q_in_fp16_range(q_latent)
-    q_latent_smem = gl.allocate_shared_memory(
-        latent_dtype,
-        [BLOCK_H, LATENT_DIM],
-        gl.NVMMASharedLayout.get_default_for([BLOCK_H, LATENT_DIM], latent_dtype),
-        q_latent,
-    )
-    q_pe_smem = gl.allocate_shared_memory(
-        dot_dtype,
-        [BLOCK_H, ROPE_DIM],
-        gl.NVMMASharedLayout.get_default_for([BLOCK_H, ROPE_DIM], dot_dtype),
-        _load_q_rows(
-            q_pe_ptr,
-            batch64,
-            q_pe_stride_batch,
-            q_pe_stride_seq,
-            q_pe_stride_head,
-            q_rows,
-            n_heads,
-            n_rows,
-            ROPE_DIM,
-            q_layout,
-        ),
+        ROPE_DIM,
+        IS_FP8,
     )
 
     rows = head_group * BLOCK_H + gl.arange(0, BLOCK_H, row_layout)
