@@ -255,8 +255,8 @@ def tuning_candidates(key: tuple[str, int, bool], smoke: bool) -> list[DecodeCon
         for block_n, warps, stages, prefetch, grouped in tiles
         for pps in programs_per_sm
     ]
-    cache_dtype = torch.bfloat16 if kind == "bf16" else torch.float8_e4m3fn
-    scale_groups = {"bf16": 0, "fp8_token": 1, "fp8": LATENT_DIM // 128}[kind]
+    scale_groups = next(groups for groups in CACHE_FORMATS.values() if cache_kind(groups) == kind)
+    cache_dtype = torch.float8_e4m3fn if scale_groups else torch.bfloat16
     if sm90_gluon_kernel(block_h, PAGE_SIZE, cache_dtype, scale_groups):
         # A Gluon kernel has its own tile: only the split target varies. The first tile's
         # fields are its fallback off sm_90.

@@ -525,17 +525,20 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
     from sm90 import MAX_SHARED, compile_for_sm90
     from titan_mla.ops import mla_decode as m
 
-    kernel = m._mla_decode_split_kernel
-    failures = []
-    # Every distinct entry of the table (keys differing in program count often share one).
-    for kind, config in sorted({(key[0], c) for key, c in m.TUNED_CONFIGS.items()}, key=repr):
-        scale_groups = {"bf16": 0, "fp8_token": 1, "fp8": 4}[kind]
-        fp8 = scale_groups > 0
+    def split_signature(kernel, fp8):
         signature = {name: "*bf16" if name.endswith("_ptr") else "i32" for name in kernel.arg_names}
         signature.update(block_table_ptr="*i32", seq_lens_ptr="*i32", partial_out_ptr="*fp32",
                          partial_lse_ptr="*fp32", softmax_scale_log2="fp32")
         if fp8:
             signature.update(latent_cache_ptr="*fp8e4nv", latent_scale_ptr="*fp32")
+        return signature
+
+    kernel = m._mla_decode_split_kernel
+    failures = []
+    # Every distinct entry of the table (keys differing in program count often share one).
+    for kind, config in sorted({(key[0], c) for key, c in m.TUNED_CONFIGS.items()}, key=repr):
+        scale_groups = {"bf16": 0, "fp8_token": 1, "fp8": 4}[kind]
+        signature = split_signature(kernel, scale_groups > 0)
         constants = dict(SINGLE_SPLIT=False, PAGE_SIZE=64, LATENT_DIM=512, ROPE_DIM=64,
                          SCALE_GROUPS=scale_groups,
                          GROUP_LAYOUT=4 if kind == "fp8" and config.fp8_grouped_dots else 0,
@@ -552,11 +555,7 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
         fp8 = kind != "bf16"
         dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
         gluon, num_warps = m.sm90_gluon_kernel(block_h, 64, dtype, int(fp8))
-        signature = {name: "*bf16" if name.endswith("_ptr") else "i32" for name in gluon.arg_names}
-        signature.update(block_table_ptr="*i32", seq_lens_ptr="*i32", partial_out_ptr="*fp32",
-                         partial_lse_ptr="*fp32", softmax_scale_log2="fp32")
-        if fp8:
-            signature.update(latent_cache_ptr="*fp8e4nv", latent_scale_ptr="*fp32")
+        signature = split_signature(gluon, fp8)
         # Token strides are constexprs: the engine's pools (bf16: one 576-wide pool).
         constants = dict(SINGLE_SPLIT=False, PAGE_SIZE=64, LATENT_DIM=512, ROPE_DIM=64,
                          IS_FP8=fp8, BLOCK_H=block_h, BLOCK_N=m.sm90.BLOCK_N,
