@@ -90,6 +90,16 @@ def _copy_rows(
 
 
 @gluon.jit
+def _convert_rows(source, destination, layout: gl.constexpr, ROWS: gl.constexpr):
+    """Converts the fp8 tile ``source`` into ``destination`` (fp16) through registers in
+    ``layout``, ROWS rows at a time (fewer rows: fewer registers held at once)."""
+    for chunk in gl.static_range(source.shape[0] // ROWS):
+        destination.slice(chunk * ROWS, ROWS).store(
+            source.slice(chunk * ROWS, ROWS).load(layout).to(destination.dtype)
+        )
+
+
+@gluon.jit
 def _stage_next_tile(
     copy_begin,
     split_end,
@@ -124,8 +134,8 @@ def _stage_next_tile(
         BLOCK_N,
     )
     async_copy.commit_group()
-    staged.index(convert_stage).store(
-        latent_ring.index(convert_stage).load(convert_layout).to(staged.dtype)
+    _convert_rows(
+        latent_ring.index(convert_stage), staged.index(convert_stage), convert_layout, BLOCK_N
     )
 
 
@@ -654,17 +664,6 @@ def mla_decode_split_sm90_kernel(
 
 
 @gluon.jit
-def _convert_rows(source, destination, ROWS: gl.constexpr = 16):
-    """Converts the fp8 tile ``source`` into ``destination`` (fp16), ROWS rows at a time: fewer
-    registers held at once than a whole tile (the wide kernel's accumulator takes 128)."""
-    layout: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [gl.num_warps() // 4, 4], [1, 0])
-    for chunk in gl.static_range(source.shape[0] // ROWS):
-        destination.slice(chunk * ROWS, ROWS).store(
-            source.slice(chunk * ROWS, ROWS).load(layout).to(destination.dtype)
-        )
-
-
-@gluon.jit
 def mla_decode_split_sm90_wide_kernel(
     q_latent_ptr,
     q_pe_ptr,
@@ -727,6 +726,7 @@ def mla_decode_split_sm90_wide_kernel(
     row_layout: gl.constexpr = gl.SliceLayout(1, score_mma)
     token_layout: gl.constexpr = gl.SliceLayout(0, score_mma)
     out_row_layout: gl.constexpr = gl.SliceLayout(1, out_mma)
+    convert_layout: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [2, 4], [1, 0])
 
     head_group = gl.program_id(0)
     batch = gl.program_id(1)
@@ -845,7 +845,8 @@ def mla_decode_split_sm90_wide_kernel(
                 BLOCK_N,
                 token_layout,
             )
-            _convert_rows(latent_ring.index(stage), staged)
+            # 16 rows at a time: the conversion's registers beside the accumulator's 128.
+            _convert_rows(latent_ring.index(stage), staged, convert_layout, 16)
             fence_async_shared()
             gl.thread_barrier()
             latent = staged
