@@ -6,9 +6,9 @@ uniform in [context / 2, context], and (1, 65536, 16), (1, 1048576, 16); q_len 1
 kv_lora_rank 512, rope 64, pages shuffled in one pool. GB/s as FlashMLA counts it: every cached
 token read once (bf16: 576 x 2 bytes; fp8: 512 + 4 (per-token scale) or 4 x 4 (per-128 scales)
 + 64 x 2 rope bytes) plus q and out bytes; TFLOP/s = 2 x heads x tokens x (512 + 64 + 512) / time.
-The triton_* rows are the op as the engine calls it (on sm_90 the 16-head cases take the Gluon
-kernel of mla_decode_sm90); where they do, triton_*_tl rows time the Triton-language kernel with
-the same configuration, its baseline. Every variant is checked against the reference before it
+The triton_* rows are the op as the engine calls it (on sm_90 the bf16 and per-token fp8 cases
+take the Gluon kernels of mla_decode_sm90); where they do, triton_*_tl rows time the
+Triton-language kernel with the same configuration, its baseline. Every variant is checked against the reference before it
 is timed, and timed as CUDA-graph replays of 10 back-to-back calls (a decode step's launch path;
 the 1 GiB copy bandwidth is timed eagerly, see copy_bandwidth; an elementwise kernel moving each
 16-head case's bf16 bytes is timed like the kernels, as that size's ceiling). Writes
