@@ -597,6 +597,23 @@ def to_cuda(case: DecodeCase) -> DecodeCase:
     return case
 
 
+def bf16_cuda_args(
+    case: DecodeCase, latent: torch.Tensor, latent_scale: torch.Tensor | None
+) -> tuple:
+    """mla_decode_triton's arguments up to latent_scale for a to_cuda case: bf16 queries on the
+    GPU, ``latent`` (the case's cache or an fp8 one with ``latent_scale``) beside its rope keys."""
+    return (
+        case.q_latent.bfloat16().cuda(),
+        case.q_pe.bfloat16().cuda(),
+        latent,
+        case.k_pe_cache,
+        case.block_table,
+        case.seq_lens,
+        case.softmax_scale,
+        latent_scale,
+    )
+
+
 @requires_cuda
 @pytest.mark.parametrize("dims", GPU_DIMS, ids=lambda d: f"h{d.heads}")
 @pytest.mark.parametrize("q_len", [1, 2])
@@ -651,16 +668,7 @@ def test_cuda_sm90_gluon_kernels(fp8, heads, q_len, page_size):
         make_case(seed=21, seq_lens=seq_lens, q_len=q_len, dims=dims, dtype=torch.bfloat16)
     )
     latent, latent_scale = fp8_cache(case, dims.latent) if fp8 else (case.latent_cache, None)
-    args = (
-        case.q_latent.bfloat16().cuda(),
-        case.q_pe.bfloat16().cuda(),
-        latent,
-        case.k_pe_cache,
-        case.block_table,
-        case.seq_lens,
-        case.softmax_scale,
-        latent_scale,
-    )
+    args = bf16_cuda_args(case, latent, latent_scale)
     # The Triton-language kernel's tuned tiles at these row counts.
     if heads == 16:
         language = DecodeConfig(16, 32, 4, 3, prefetch=False)
@@ -687,17 +695,7 @@ def test_cuda_fp8_grouped_dots(group_size):
     dims = GPU_DIMS[0]
     seq_lens = [1, 64, 1000, 2049, 513]
     case = to_cuda(make_case(seed=18, seq_lens=seq_lens, q_len=1, dims=dims, dtype=torch.bfloat16))
-    latent_fp8, latent_scale = fp8_cache(case, group_size)
-    args = (
-        case.q_latent.bfloat16().cuda(),
-        case.q_pe.bfloat16().cuda(),
-        latent_fp8,
-        case.k_pe_cache,
-        case.block_table,
-        case.seq_lens,
-        case.softmax_scale,
-        latent_scale,
-    )
+    args = bf16_cuda_args(case, *fp8_cache(case, group_size))
     config = DecodeConfig(16, 16, 4, 2, prefetch=False, fp8_grouped_dots=True)
     for num_splits in (1, 7):
         out = mla_decode_triton(*args, num_splits=num_splits, config=config)
