@@ -8,11 +8,12 @@ token read once (bf16: 576 x 2 bytes; fp8: 512 + 4 (per-token scale) or 4 x 4 (p
 + 64 x 2 rope bytes) plus q and out bytes; TFLOP/s = 2 x heads x tokens x (512 + 64 + 512) / time.
 The triton_* rows are the op as the engine calls it (on sm_90 the bf16 and per-token fp8 cases
 take the Gluon kernels of mla_decode_sm90); where they do, triton_*_tl rows time the
-Triton-language kernel with the same configuration, its baseline. Every variant is checked against the reference before it
-is timed, and timed as CUDA-graph replays of 10 back-to-back calls (a decode step's launch path;
-the 1 GiB copy bandwidth is timed eagerly, see copy_bandwidth; an elementwise kernel moving each
-16-head case's bf16 bytes is timed like the kernels, as that size's ceiling). Writes
-benchmarks/results/mla_decode-<gpu>.json (+ .md) or --out.
+Triton-language kernel with the same configuration, its baseline. Every variant is checked
+against the reference before it is timed, and timed as CUDA-graph replays of 10 back-to-back
+calls (a decode step's launch path; the 1 GiB copy bandwidth is timed eagerly, see
+copy_bandwidth; an elementwise kernel moving each 16-head case's bf16 bytes is timed like the
+kernels, as that size's ceiling). Writes benchmarks/results/mla_decode-<gpu>.json (+ .md) or
+--out.
 
     COMMIT=$(git rev-parse HEAD) python benchmarks/bench_mla_decode.py --out benchmarks/results
 
