@@ -248,6 +248,43 @@ def test_empty_sequences_give_zeros():
         assert not out.isnan().any()
 
 
+def test_combine_reads_the_persistent_index():
+    """The combine in the persistent split kernel's layout: partials at (slot, row), each
+    sequence's (first slot, count) in partial_index. Slots outside every sequence's range and
+    the partials of splits whose rows saw no token (lse -inf) hold NaN: never read. A row that
+    no split saw, and a sequence with count 0, give zeros."""
+    generator = torch.Generator().manual_seed(3)
+    n_rows, latent_dim, n_slots = 2, 32, 9
+    index = torch.tensor([[0, 3], [3, 1], [5, 0], [5, 4]], dtype=torch.int32)
+    partial_out = torch.full((n_slots, n_rows, latent_dim), float("nan"))
+    partial_lse = torch.full((n_slots, n_rows), float("nan"))
+    expected = torch.zeros(len(index), n_rows, latent_dim, dtype=torch.float64)
+    for seq, (first, count) in enumerate(index.tolist()):
+        if not count:
+            continue
+        values = torch.randn(count, n_rows, latent_dim, generator=generator)
+        lse = torch.randn(count, n_rows, generator=generator) * 3
+        lse[0, 0], values[0, 0] = -float("inf"), float("nan")
+        partial_out[first : first + count], partial_lse[first : first + count] = values, lse
+        weights = torch.exp2(lse.double() - lse.max(0).values)  # log2-sum-exps
+        merged = (weights[..., None] * values.double().nan_to_num()).sum(0)
+        expected[seq] = (merged / weights.sum(0)[:, None]).nan_to_num()
+    out = torch.empty(len(index), n_rows, latent_dim, device=KERNEL_DEVICE)
+    mla_decode_module._mla_decode_combine_kernel[(len(index) * n_rows, 1)](
+        partial_out.to(KERNEL_DEVICE),
+        partial_lse.to(KERNEL_DEVICE),
+        out,
+        index.to(KERNEL_DEVICE),
+        n_rows,
+        NUM_SPLITS=n_slots,
+        LATENT_DIM=latent_dim,
+        BLOCK_SPLITS=2,
+        BLOCK_D=latent_dim,
+        PERSISTENT=True,
+    )
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_pool_views_and_strides():
     """latent and k_pe as two views of one (pages, page_size, latent + rope + pad) pool, and
     non-contiguous queries: same result as contiguous tensors."""
@@ -529,6 +566,8 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
         signature = {name: "*bf16" if name.endswith("_ptr") else "i32" for name in kernel.arg_names}
         signature.update(block_table_ptr="*i32", seq_lens_ptr="*i32", partial_out_ptr="*fp32",
                          partial_lse_ptr="*fp32", softmax_scale_log2="fp32")
+        if "partial_index_ptr" in signature:
+            signature["partial_index_ptr"] = "*i32"
         if fp8:
             signature.update(latent_cache_ptr="*fp8e4nv", latent_scale_ptr="*fp32")
         return signature
@@ -561,17 +600,26 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
                          IS_FP8=fp8, BLOCK_H=block_h, BLOCK_N=m.sm90.BLOCK_N,
                          latent_stride_token=512 if fp8 else 576,
                          k_pe_stride_token=64 if fp8 else 576)
-        build = compile_for_sm90(gluon, signature, constants, num_warps)
-        print("gluon", kind, block_h, build)
-        # fp8: one 4-byte slot of local memory holds a value of the epilogue across the loop
-        # (SASS: stores before the loop, one load after it), not a spill inside the loop.
-        spill_budget = 8 if fp8 else 0
-        if build.spill_stores > spill_budget or build.shared > MAX_SHARED or build.wgmma_serialized:
-            failures.append(("gluon", kind, block_h, build))
+        # The persistent kernel: batches up to 128, and its batch-of-one variant.
+        persistent = "BLOCK_B" in gluon.arg_names
+        for one_sequence in (False, True) if persistent else (None,):
+            if persistent:
+                constants.update(BLOCK_B=128, ONE_SEQUENCE=one_sequence)
+            build = compile_for_sm90(gluon, signature, constants, num_warps)
+            print("gluon", kind, block_h, one_sequence, build)
+            # fp8: one 4-byte slot of local memory holds a value of the epilogue across the
+            # loop (SASS: stores before the loop, one load after it), not a spill inside it.
+            spill_budget = 8 if fp8 else 0
+            if (build.spill_stores > spill_budget or build.shared > MAX_SHARED
+                    or build.wgmma_serialized):
+                failures.append(("gluon", kind, block_h, one_sequence, build))
     combine = m._mla_decode_combine_kernel
-    compile_for_sm90(combine,
-                     dict(partial_out_ptr="*fp32", partial_lse_ptr="*fp32", out_ptr="*bf16"),
-                     dict(NUM_SPLITS=5, LATENT_DIM=512, BLOCK_SPLITS=8, BLOCK_D=512), num_warps=4)
+    for persistent in (False, True):
+        compile_for_sm90(combine,
+                         dict(partial_out_ptr="*fp32", partial_lse_ptr="*fp32", out_ptr="*bf16",
+                              partial_index_ptr="*i32", n_rows="i32"),
+                         dict(NUM_SPLITS=5, LATENT_DIM=512, BLOCK_SPLITS=8, BLOCK_D=512,
+                              PERSISTENT=persistent), num_warps=4)
     sys.exit(f"spills, too much shared memory or serialized wgmma: {failures}" if failures else 0)
     """
 )
@@ -686,6 +734,29 @@ def test_cuda_sm90_gluon_kernels(fp8, heads, q_len, page_size):
         assert relative_error(out, mla_decode_triton(*args, num_splits, language)) <= 1e-2
         compared = out if fp8 else case.up_project(out.cpu())
         assert relative_error(compared, expected) <= TOLERANCE[torch.bfloat16]
+
+
+@requires_cuda
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_cuda_persistent_schedule(fp8):
+    """The token-major kernel's runs of tiles across sequence boundaries: programs covering
+    many sequences (one-tile ones among them) or part of one, sequences without tokens between
+    them (zeros), over NaN-poisoned pages, against the fp32 reference."""
+    seq_lens = [5, 1000, 7, 3, 64, 1, 9, 130, 3001, 65]
+    empty = [0, 2, 3, 6]
+    case = to_cuda(make_case(seed=22, seq_lens=seq_lens, q_len=1, dims=GPU_DIMS[0]))
+    case.seq_lens[empty] = 0
+    latent, latent_scale = fp8_cache(case, 512) if fp8 else (case.latent_cache.bfloat16(), None)
+    case.k_pe_cache = case.k_pe_cache.bfloat16()
+    args = bf16_cuda_args(case, latent, latent_scale)
+    kept = [seq for seq in range(len(seq_lens)) if seq not in empty]
+    expected = mla_decode_reference(
+        *(arg[kept] if index in (0, 1, 4, 5) else arg for index, arg in enumerate(args))
+    )
+    for num_splits in (1, 2, 16):  # 10, 20 and 132 programs' worth (at most one per SM)
+        out = mla_decode_triton(*args, num_splits=num_splits)
+        assert torch.equal(out[empty], torch.zeros_like(out[empty]))
+        assert relative_error(out[kept], expected) <= 1e-2
 
 
 @requires_cuda

@@ -37,9 +37,11 @@ cache reads too): every latent row is loaded once per program and used twice, as
 ``q_latent @ latent^T`` and as the value of ``p @ latent``. Softmax and accumulation are float32.
 Launch shapes depend only on tensor shapes (num_splits is a Python int), so a call can be captured
 in a CUDA graph; splits past a sequence's end find no tokens and write an empty partial. On sm_90
-(pages of a multiple of 64 tokens, a bf16/fp16 cache or fp8 with per-token scales), programs of at
-most 16 query rows and of 64 rows take the Gluon split kernels of mla_decode_sm90 instead, with the
-same partial outputs and combine (DecodeConfig.sm90_gluon).
+(pages of a multiple of 64 tokens, a bf16/fp16 cache or fp8 with per-token scales), programs of 64
+rows take the wide Gluon kernel of mla_decode_sm90 on the same grid, and a sequence's rows up to
+16 (batches up to sm90.MAX_BATCH) the persistent token-major one: min(batch x num_splits, SMs)
+programs, each an equal run of the batch's tiles across sequence boundaries, a partial per
+(sequence, program) and the combine told where they are (DecodeConfig.sm90_gluon).
 
 Launch parameters (DecodeConfig: rows per program, tile size, warps, stages, register prefetch,
 the split heuristic's programs per SM, the fp8 scale handling) come from the TUNED_CONFIGS table,
@@ -593,15 +595,28 @@ def _mla_decode_split_kernel(
 
 
 @triton.jit
-def _chunk_lse(
-    partial_lse_ptr, row, chunk_begin, NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr
-):
-    """The split indices of a chunk and their lse (-inf past NUM_SPLITS)."""
+def _chunk_lse(partial_lse_ptr, first, stride, chunk_begin, count, BLOCK_SPLITS: tl.constexpr):
+    """The partial indices of a chunk of a row's splits (split s at first + s x stride) and
+    their lse (-inf past count)."""
     splits = chunk_begin + tl.arange(0, BLOCK_SPLITS)
-    lse = tl.load(
-        partial_lse_ptr + row * NUM_SPLITS + splits, mask=splits < NUM_SPLITS, other=-float("inf")
-    )
-    return splits, lse
+    index = first + splits * stride
+    lse = tl.load(partial_lse_ptr + index, mask=splits < count, other=-float("inf"))
+    return index, lse
+
+
+@triton.jit
+def _row_partials(
+    partial_index_ptr, row, n_rows, NUM_SPLITS: tl.constexpr, PERSISTENT: tl.constexpr
+):
+    """Where the partials of output row ``row`` (sequence x query row) are: the first one's
+    index, the step between them and their number. PERSISTENT: the split kernel wrote each
+    sequence's first slot and number of partials in partial_index (sequences, 2)."""
+    if PERSISTENT:
+        seq = row // n_rows
+        first_slot = tl.load(partial_index_ptr + 2 * seq)
+        count = tl.load(partial_index_ptr + 2 * seq + 1)
+        return first_slot * n_rows + row % n_rows, n_rows, count
+    return row * NUM_SPLITS, 1, NUM_SPLITS
 
 
 @triton.jit
@@ -609,36 +624,47 @@ def _mla_decode_combine_kernel(
     partial_out_ptr,
     partial_lse_ptr,
     out_ptr,
+    partial_index_ptr,
+    n_rows,
     NUM_SPLITS: tl.constexpr,
     LATENT_DIM: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
     # One program per (sequence x query row, BLOCK_D latent columns):
     # out = sum_s 2^(lse_s - lse) * out_s, lse = log2-sum. The maximum lse comes first, so that
     # the chunks of splits do not depend on each other (usually one chunk: every split's partial
     # columns in one load); a sequence's few rows still spread over many programs.
+    # Partials: (rows, NUM_SPLITS) from the split grid; PERSISTENT: (slots, n_rows) from the
+    # persistent split kernel, a sequence's at consecutive slots (see _row_partials).
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    first, stride, count = _row_partials(partial_index_ptr, row, n_rows, NUM_SPLITS, PERSISTENT)
+    # While loops: a loaded count is no range() bound under the interpreter.
     max_lse = tl.full((), -float("inf"), tl.float32)
-    for chunk_begin in range(0, NUM_SPLITS, BLOCK_SPLITS):
-        splits, lse = _chunk_lse(partial_lse_ptr, row, chunk_begin, NUM_SPLITS, BLOCK_SPLITS)
+    chunk_begin = 0
+    while chunk_begin < count:
+        _, lse = _chunk_lse(partial_lse_ptr, first, stride, chunk_begin, count, BLOCK_SPLITS)
         max_lse = tl.maximum(max_lse, tl.max(lse, axis=0))
+        chunk_begin += BLOCK_SPLITS
     # Empty splits have lse -inf: a finite reference keeps their weight 0 (and no inf - inf).
     reference = tl.where(max_lse == -float("inf"), 0.0, max_lse)
     weight_sum = tl.zeros((), tl.float32)
     acc = tl.zeros((BLOCK_D,), tl.float32)
-    for chunk_begin in range(0, NUM_SPLITS, BLOCK_SPLITS):
-        splits, lse = _chunk_lse(partial_lse_ptr, row, chunk_begin, NUM_SPLITS, BLOCK_SPLITS)
+    chunk_begin = 0
+    while chunk_begin < count:
+        index, lse = _chunk_lse(partial_lse_ptr, first, stride, chunk_begin, count, BLOCK_SPLITS)
         # Empty splits wrote zeros: not worth reading.
         partial = tl.load(
-            partial_out_ptr + (row * NUM_SPLITS + splits)[:, None] * LATENT_DIM + cols[None, :],
+            partial_out_ptr + index[:, None] * LATENT_DIM + cols[None, :],
             mask=(lse > -float("inf"))[:, None],
             other=0.0,
         )
         weights = tl.exp2(lse - reference)
         acc += tl.sum(weights[:, None] * partial, axis=0)
         weight_sum += tl.sum(weights, axis=0)
+        chunk_begin += BLOCK_SPLITS
     out = acc / tl.where(weight_sum > 0.0, weight_sum, 1.0)
     tl.store(out_ptr + row * LATENT_DIM + cols, out.to(out_ptr.dtype.element_ty))
 
@@ -918,25 +944,44 @@ def mla_decode_triton(
     # A placeholder pointer when the cache is not fp8 (SCALE_GROUPS = 0: never read).
     scale = latent_scale if fp8_cache else latent_cache
 
-    out = torch.empty(q_latent.shape, dtype=q_latent.dtype, device=q_latent.device)
-    if num_splits == 1:
-        partial_out = partial_lse = out  # unused: the split kernel writes out directly
-    else:
-        partial_out = torch.empty(
-            (batch, n_rows, num_splits, latent_dim), dtype=torch.float32, device=q_latent.device
-        )
-        partial_lse = torch.empty(
-            (batch, n_rows, num_splits), dtype=torch.float32, device=q_latent.device
-        )
-    grid = (triton.cdiv(n_rows, config.block_h), batch, num_splits)
     gluon = (
         config.sm90_gluon
         and _is_sm90(q_latent.device)
         and sm90_gluon_kernel(config.block_h, page_size, latent_cache.dtype, scale_groups)
     )
+    persistent = bool(gluon) and gluon[0] is sm90.mla_decode_split_sm90_kernel
+    if persistent and (n_rows > config.block_h or batch > sm90.MAX_BATCH):
+        # The token-major kernel holds a sequence's rows in one program, and every length.
+        gluon = persistent = False
+    # The persistent kernel: batch x num_splits programs' worth of equal runs of tiles, at most
+    # one program per SM, a partial per sequence a program touches (slot sequence + program).
+    programs = min(batch * num_splits, sm_count) if persistent else num_splits
+    single = programs == 1 and (batch == 1 or not persistent)
+    out = torch.empty(q_latent.shape, dtype=q_latent.dtype, device=q_latent.device)
+    if single:
+        partial_out = partial_lse = out  # unused: the split kernel writes out directly
+    else:
+        partial_rows = (batch + programs, n_rows) if persistent else (batch, n_rows, num_splits)
+        partial_out = torch.empty(
+            (*partial_rows, latent_dim), dtype=torch.float32, device=q_latent.device
+        )
+        partial_lse = torch.empty(partial_rows, dtype=torch.float32, device=q_latent.device)
+    # The persistent kernel's (first slot, number of partials) per sequence, for the combine
+    # (elsewhere a placeholder, never read).
+    partial_index = (
+        torch.empty((batch, 2), dtype=torch.int32, device=q_latent.device)
+        if persistent
+        else seq_lens
+    )
+    grid = (programs,) if persistent else (triton.cdiv(n_rows, config.block_h), batch, num_splits)
     if gluon:
         split_kernel, num_warps = gluon
         constants = dict(IS_FP8=fp8_cache, BLOCK_H=config.block_h, BLOCK_N=sm90.BLOCK_N)
+        if persistent:
+            # The schedule reads every sequence length in one vector (a batch of one: no sum).
+            constants.update(
+                BLOCK_B=triton.next_power_of_2(max(batch, 128)), ONE_SEQUENCE=batch == 1
+            )
         launch = dict(num_warps=num_warps)
     else:
         split_kernel = _mla_decode_split_kernel
@@ -978,24 +1023,30 @@ def mla_decode_triton(
         scale.stride(0),
         scale.stride(1),
         block_table.stride(0),
-        SINGLE_SPLIT=num_splits == 1,
+        *((batch, partial_index) if persistent else ()),
+        SINGLE_SPLIT=single,
         PAGE_SIZE=page_size,
         LATENT_DIM=latent_dim,
         ROPE_DIM=rope_dim,
         **constants,
         **launch,
     )
-    if num_splits > 1:
-        block_splits = min(_COMBINE_MAX_SPLITS, triton.next_power_of_2(num_splits))
+    if not single:
+        # Chunks of about a sequence's expected number of partials.
+        expected = triton.cdiv(programs, batch) + 1 if persistent else num_splits
+        block_splits = min(_COMBINE_MAX_SPLITS, triton.next_power_of_2(expected))
         block_d = min(latent_dim, max(16, _COMBINE_TILE // block_splits))
         _mla_decode_combine_kernel[(batch * n_rows, latent_dim // block_d)](
             partial_out,
             partial_lse,
             out,
-            NUM_SPLITS=num_splits,
+            partial_index,
+            n_rows,
+            NUM_SPLITS=programs,
             LATENT_DIM=latent_dim,
             BLOCK_SPLITS=block_splits,
             BLOCK_D=block_d,
+            PERSISTENT=persistent,
             num_warps=4,
         )
     return out

@@ -1,13 +1,17 @@
 """The split kernels of titan_mla::mla_decode for Hopper (sm_90), in Gluon.
 
-Same grid, inputs and partial outputs as ``_mla_decode_split_kernel`` in mla_decode.py (whose
-combine kernel merges the splits), for pages of a multiple of 64 tokens:
+Inputs as ``_mla_decode_split_kernel`` in mla_decode.py, whose combine kernel merges the partial
+outputs, for pages of a multiple of 64 tokens:
 
 - ``mla_decode_split_sm90_kernel``, the memory-bound case: token-major wgmma over a latent tile
-  staged once in shared memory, at most 16 query rows per program, a bf16/fp16 cache or an fp8
-  cache with one scale per token (described below).
+  staged once in shared memory, all of a sequence's query rows (at most 16) in one program, a
+  bf16/fp16 cache or an fp8 cache with one scale per token (described below). Persistent: a
+  one-dimensional grid of at most one program per SM, each attending to an equal run of the
+  batch's tiles, across sequence boundaries (FlashMLA's balanced schedule: no program waits on a
+  longer sequence, and no program starts or ends per split).
 - ``mla_decode_split_sm90_wide_kernel``, the compute-bound case: 64 query rows per program (128
-  heads) as wgmma's M, two warpgroups, the same caches (see its docstring).
+  heads) as wgmma's M, two warpgroups, the same caches, on the Triton kernel's grid (head groups,
+  sequences, splits) (see its docstring).
 
 Why a token-major kernel: with 16 query rows the Triton kernel's dots are mma.sync chains that
 re-read q and every tile from shared memory per warp, and an 8-bit tile cannot be read transposed
@@ -47,6 +51,9 @@ BLOCK_N = 64
 NUM_WARPS = 4
 # The output accumulator (512 x rows fp32) takes rows x 4 registers per thread: 32 rows spill.
 MAX_ROWS = 16
+# The token-major kernel's schedule holds every sequence length in one vector per warp: batches
+# up to this.
+MAX_BATCH = 1024
 # mla_decode_split_sm90_wide_kernel: 64 rows per program, two warpgroups.
 WIDE_ROWS = 64
 WIDE_NUM_WARPS = 8
@@ -221,11 +228,18 @@ def _load_q_rows(
 
 
 @gluon.jit
-def _q_in_fp16_range(q_latent):
+def _q_in_fp16_range(q_latent, row_max_smem):
     """q_latent in fp16 for an fp8 tile's latent products, and the factor that takes the scores
     back: fp16 holds q scaled by a power of 2 (exact) that puts its largest value in
-    [2^12, 2^14), so no overflow, and rows 2^26 times smaller stay normal."""
-    q_abs_max = gl.max(gl.max(gl.abs(q_latent.to(gl.float32)), axis=1), axis=0)
+    [2^12, 2^14), so no overflow, and rows 2^26 times smaller stay normal. The maximum goes
+    through ``row_max_smem`` (one value per row): no reduction scratch of its own, which a
+    noinline function would place over its caller's buffers (Triton 3.6)."""
+    # Each row lies within one warp: its maximum takes shuffles only.
+    row_max_smem.store(gl.max(gl.abs(q_latent.to(gl.float32)), axis=1))
+    gl.thread_barrier()
+    rows: gl.constexpr = row_max_smem.shape[0]
+    every_row: gl.constexpr = gl.BlockedLayout([max(1, rows // 32)], [32], [gl.num_warps()], [0])
+    q_abs_max = gl.max(row_max_smem.load(every_row), axis=0)
     exponent = gl.where(q_abs_max > 0.0, gl.floor(gl.log2(q_abs_max)) - 12.0, 0.0)
     exponent = gl.minimum(gl.maximum(exponent, -100.0), 100.0).to(gl.int32)
     q_down = ((127 - exponent) << 23).to(gl.float32, bitcast=True)
@@ -234,7 +248,10 @@ def _q_in_fp16_range(q_latent):
 
 
 @gluon.jit
-def _q_to_shared(
+def _q_rows_to_shared(
+    q_latent_smem,
+    q_pe_smem,
+    row_max_smem,
     q_latent_ptr,
     q_pe_ptr,
     batch64,
@@ -252,9 +269,10 @@ def _q_to_shared(
     ROPE_DIM: gl.constexpr,
     IS_FP8: gl.constexpr,
 ):
-    """This program's q rows in shared memory, (BLOCK_H, width) for wgmma: the latent part (for
-    an fp8 cache in fp16, see _q_in_fp16_range) and the rope part, and the factor that takes the
-    latent scores back (1 without fp8)."""
+    """A program's q rows of sequence batch64 into shared memory, (BLOCK_H, width) for wgmma:
+    the latent part (for an fp8 cache in fp16, see _q_in_fp16_range) and the rope part; returns
+    the factor that takes the latent scores back (1 without fp8)."""
+    # A warp's load reads whole rows (each row within one warp: _q_in_fp16_range).
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [gl.num_warps(), 1], [1, 0])
     q_rows = head_group * BLOCK_H + gl.arange(0, BLOCK_H, gl.SliceLayout(1, layout))
     q_latent = _load_q_rows(
@@ -270,34 +288,98 @@ def _q_to_shared(
         layout,
     )
     if IS_FP8:
-        q_latent, q_up = _q_in_fp16_range(q_latent)
+        q_latent, q_up = _q_in_fp16_range(q_latent, row_max_smem)
     else:
         q_up = 1.0
-    q_latent_smem = gl.allocate_shared_memory(
-        q_latent.dtype,
-        [BLOCK_H, LATENT_DIM],
-        gl.NVMMASharedLayout.get_default_for([BLOCK_H, LATENT_DIM], q_latent.dtype),
-        q_latent,
+    q_latent_smem.store(q_latent)
+    q_pe_smem.store(
+        _load_q_rows(
+            q_pe_ptr,
+            batch64,
+            q_pe_stride_batch,
+            q_pe_stride_seq,
+            q_pe_stride_head,
+            q_rows,
+            n_heads,
+            n_rows,
+            ROPE_DIM,
+            layout,
+        )
     )
-    q_pe = _load_q_rows(
+    return q_up
+
+
+# Not inlined: the token-major kernel reloads q once per sequence inside its loop, and an inlined
+# reload's addresses, hoisted out of the loop, make the fp8 kernel spill in every tile.
+@gluon.jit(noinline=True)
+def _reload_q_rows(
+    q_latent_smem,
+    q_pe_smem,
+    row_max_smem,
+    q_latent_ptr,
+    q_pe_ptr,
+    batch64,
+    q_latent_stride_batch,
+    q_latent_stride_seq,
+    q_latent_stride_head,
+    q_pe_stride_batch,
+    q_pe_stride_seq,
+    q_pe_stride_head,
+    head_group,
+    n_heads,
+    n_rows,
+    BLOCK_H: gl.constexpr,
+    LATENT_DIM: gl.constexpr,
+    ROPE_DIM: gl.constexpr,
+    IS_FP8: gl.constexpr,
+):
+    return _q_rows_to_shared(
+        q_latent_smem,
+        q_pe_smem,
+        row_max_smem,
+        q_latent_ptr,
         q_pe_ptr,
         batch64,
+        q_latent_stride_batch,
+        q_latent_stride_seq,
+        q_latent_stride_head,
         q_pe_stride_batch,
         q_pe_stride_seq,
         q_pe_stride_head,
-        q_rows,
+        head_group,
         n_heads,
         n_rows,
+        BLOCK_H,
+        LATENT_DIM,
         ROPE_DIM,
-        layout,
+        IS_FP8,
+    )
+
+
+@gluon.jit
+def _q_shared_memory(
+    latent_dtype: gl.constexpr,
+    dot_dtype: gl.constexpr,
+    BLOCK_H: gl.constexpr,
+    LATENT_DIM: gl.constexpr,
+    ROPE_DIM: gl.constexpr,
+):
+    """Shared memory for a program's q rows (the latent part in latent_dtype, the rope part in
+    q's dtype), in wgmma's layout, and for their maxima (_q_in_fp16_range)."""
+    q_latent_smem = gl.allocate_shared_memory(
+        latent_dtype,
+        [BLOCK_H, LATENT_DIM],
+        gl.NVMMASharedLayout.get_default_for([BLOCK_H, LATENT_DIM], latent_dtype),
     )
     q_pe_smem = gl.allocate_shared_memory(
-        q_pe.dtype,
+        dot_dtype,
         [BLOCK_H, ROPE_DIM],
-        gl.NVMMASharedLayout.get_default_for([BLOCK_H, ROPE_DIM], q_pe.dtype),
-        q_pe,
+        gl.NVMMASharedLayout.get_default_for([BLOCK_H, ROPE_DIM], dot_dtype),
     )
-    return q_latent_smem, q_pe_smem, q_up
+    row_max_smem = gl.allocate_shared_memory(
+        gl.float32, [BLOCK_H], gl.SwizzledSharedLayout(1, 1, 1, [0])
+    )
+    return q_latent_smem, q_pe_smem, row_max_smem
 
 
 @gluon.jit
@@ -334,6 +416,87 @@ def _tile_scales(
 
 
 @gluon.jit
+def _add(a, b):
+    return a + b
+
+
+@gluon.jit
+def _schedule_start(
+    seq_lens_ptr,
+    partial_index_ptr,
+    num_seqs,
+    program,
+    num_programs,
+    BLOCK_N: gl.constexpr,
+    BLOCK_B: gl.constexpr,
+    ONE_SEQUENCE: gl.constexpr,
+):
+    """A program's share of the batch: the tiles of all sequences in (sequence, token) order,
+    cut into num_programs runs of equal length (the last ones shorter). Returns the number of
+    tiles of this program's run and the position of its first one (the sequence, the tile in
+    it, the sequence's length), the run's first tile and the runs' length. Program 0 also
+    writes the partial index entries (first slot, count) = (0, 0) of the sequences without
+    tokens. ONE_SEQUENCE: a batch of one, whose runs need no prefix sum."""
+    if ONE_SEQUENCE:
+        seq_len = gl.load(seq_lens_ptr)
+        total = gl.cdiv(seq_len, BLOCK_N)
+    else:
+        # Every warp holds the whole vector: the sums stay within a warp (no shared memory).
+        layout: gl.constexpr = gl.BlockedLayout([BLOCK_B // 32], [32], [gl.num_warps()], [0])
+        seqs = gl.arange(0, BLOCK_B, layout)
+        lens = gl.load(seq_lens_ptr + seqs, mask=seqs < num_seqs, other=0)
+        tiles = gl.cdiv(lens, BLOCK_N)
+        ends = gl.associative_scan(tiles, 0, _add)
+        total = gl.sum(tiles, axis=0)
+    per_program = gl.cdiv(total, num_programs)
+    first_tile = program * per_program
+    n_work = gl.maximum(gl.minimum(per_program, total - first_tile), 0)
+    if ONE_SEQUENCE:
+        seq = gl.to_tensor(0)
+        seq_begin = gl.to_tensor(0)
+        if (program == 0) & (total == 0):
+            gl.store(partial_index_ptr, 0)
+            gl.store(partial_index_ptr + 1, 0)
+    else:
+        # The first sequence that ends past first_tile (sequences without tokens end where they
+        # begin: never chosen, unless the run is empty).
+        seq = gl.sum((ends <= first_tile).to(gl.int32), axis=0)
+        seq_begin = gl.sum(gl.where(seqs == seq, ends - tiles, 0), axis=0)
+        seq_len = gl.sum(gl.where(seqs == seq, lens, 0), axis=0)
+        if program == 0:
+            # Sequences without tokens have no partials (the others' entries: see the kernel).
+            empty = (seqs < num_seqs) & (tiles == 0)
+            gl.store(partial_index_ptr + 2 * seqs, 0, mask=empty)
+            gl.store(partial_index_ptr + 2 * seqs + 1, 0, mask=empty)
+    return n_work, seq, first_tile - seq_begin, seq_len, first_tile, per_program
+
+
+@gluon.jit
+def _next_sequence(seq, seq_lens_ptr, num_seqs):
+    """The first sequence after ``seq`` with tokens, and its length (past the batch: length 0)."""
+    seq += 1
+    seq_len = gl.load(seq_lens_ptr + seq, mask=seq < num_seqs, other=0)
+    while (seq_len == 0) & (seq < num_seqs):
+        seq += 1
+        seq_len = gl.load(seq_lens_ptr + seq, mask=seq < num_seqs, other=0)
+    return seq, seq_len
+
+
+@gluon.jit
+def _next_tile(
+    seq, tile, seq_len, seq_lens_ptr, num_seqs, BLOCK_N: gl.constexpr, ONE_SEQUENCE: gl.constexpr
+):
+    """The tile after (seq, tile) in schedule order: the sequence's next one, else the first of
+    the next sequence with tokens (ONE_SEQUENCE: runs end within the sequence, and a tile past
+    the run is masked off by its caller)."""
+    tile += 1
+    if not ONE_SEQUENCE and tile * BLOCK_N >= seq_len:
+        tile = 0
+        seq, seq_len = _next_sequence(seq, seq_lens_ptr, num_seqs)
+    return seq, tile, seq_len
+
+
+@gluon.jit
 def mla_decode_split_sm90_kernel(
     q_latent_ptr,
     q_pe_ptr,
@@ -361,6 +524,8 @@ def mla_decode_split_sm90_kernel(
     scale_stride_page,
     scale_stride_token,
     block_table_stride_batch,
+    num_seqs,
+    partial_index_ptr,
     SINGLE_SPLIT: gl.constexpr,
     PAGE_SIZE: gl.constexpr,
     LATENT_DIM: gl.constexpr,
@@ -368,7 +533,15 @@ def mla_decode_split_sm90_kernel(
     IS_FP8: gl.constexpr,
     BLOCK_H: gl.constexpr,
     BLOCK_N: gl.constexpr,
+    BLOCK_B: gl.constexpr,
+    ONE_SEQUENCE: gl.constexpr,
 ):
+    """Persistent: a one-dimensional grid, each program an equal run of the batch's tiles (see
+    _schedule_start), across sequence boundaries, so that no program waits on a longer one and
+    the copies stream on from one sequence into the next. A program writes one partial output
+    per sequence it touches, at slot sequence + program (SINGLE_SPLIT, one program: the outputs),
+    and the sequences' (first slot, number of partials) in partial_index (sequences, 2).
+    All rows of a sequence in one program (q_len x heads <= BLOCK_H)."""
     dot_dtype: gl.constexpr = q_pe_ptr.dtype.element_ty
     cache_dtype: gl.constexpr = latent_cache_ptr.dtype.element_ty
     # The latent products of an fp8 tile run in fp16: e4m3 -> fp16 is one conversion per two
@@ -393,15 +566,36 @@ def mla_decode_split_sm90_kernel(
         [BLOCK_N, BLOCK_H], latent_dtype
     )
 
-    head_group = gl.program_id(0)
-    batch = gl.program_id(1)
-    split = gl.program_id(2)
-    num_splits = gl.num_programs(2)
+    program = gl.program_id(0)
     n_rows = q_len * n_heads
-    batch64 = batch.to(gl.int64)
-    seq_len = gl.load(seq_lens_ptr + batch)
-    split_begin, split_end, n_tiles = _split_range(seq_len, split, num_splits, BLOCK_N)
-    block_table_row_ptr = block_table_ptr + batch64 * block_table_stride_batch
+    # The tiles this program attends to in turn are positions (sequence, tile, sequence length):
+    # tile i (k_, whose sequence the outer loop follows), the next one (a_) and the one after
+    # (b_), each with its page id once it is a copy away.
+    n_work, k_seq, k_tile, k_len, first_tile, per_program = _schedule_start(
+        seq_lens_ptr,
+        partial_index_ptr,
+        num_seqs,
+        program,
+        gl.num_programs(0),
+        BLOCK_N,
+        BLOCK_B,
+        ONE_SEQUENCE,
+    )
+    a_seq, a_tile, a_len = _next_tile(
+        k_seq, k_tile, k_len, seq_lens_ptr, num_seqs, BLOCK_N, ONE_SEQUENCE
+    )
+    b_seq, b_tile, b_len = _next_tile(
+        a_seq, a_tile, a_len, seq_lens_ptr, num_seqs, BLOCK_N, ONE_SEQUENCE
+    )
+    # Copies of tiles past the run are masked off by a length of 0.
+    k_limit = gl.where(n_work > 0, k_len, 0)
+    a_limit = gl.where(n_work > 1, a_len, 0)
+    k_page = _tile_page(
+        k_tile * BLOCK_N,
+        k_limit,
+        block_table_ptr + k_seq.to(gl.int64) * block_table_stride_batch,
+        PAGE_SIZE,
+    )
 
     # Two latent stages: the next tile's copy flies while this one is used. bf16: the value
     # product reads the stage, so a tile's products finish within its iteration. fp8: tiles are
@@ -414,16 +608,18 @@ def mla_decode_split_sm90_kernel(
     if IS_FP8:
         staged = gl.allocate_shared_memory(latent_dtype, [2, BLOCK_N, LATENT_DIM], tile_smem)
     p_smem = gl.allocate_shared_memory(latent_dtype, [BLOCK_N, BLOCK_H], p_smem_layout)
+    q_latent_smem, q_pe_smem, row_max_smem = _q_shared_memory(
+        latent_dtype, dot_dtype, BLOCK_H, LATENT_DIM, ROPE_DIM
+    )
 
     # The first tile's copies go out before q is read (fp8: the latent and the rope keys as two
     # commit groups, in the order the loop waits for them).
-    first_page = _tile_page(split_begin, split_end, block_table_row_ptr, PAGE_SIZE)
     _copy_rows(
         latent_ring.index(0),
         latent_cache_ptr,
-        split_begin,
-        split_end,
-        first_page,
+        k_tile * BLOCK_N,
+        k_limit,
+        k_page,
         latent_stride_page,
         latent_stride_token,
         PAGE_SIZE,
@@ -435,9 +631,9 @@ def mla_decode_split_sm90_kernel(
     _copy_rows(
         k_pe_buffers.index(0),
         k_pe_cache_ptr,
-        split_begin,
-        split_end,
-        first_page,
+        k_tile * BLOCK_N,
+        k_limit,
+        k_page,
         k_pe_stride_page,
         k_pe_stride_token,
         PAGE_SIZE,
@@ -445,20 +641,23 @@ def mla_decode_split_sm90_kernel(
         BLOCK_N,
     )
     async_copy.commit_group()
-    page = _tile_page(split_begin + BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE)
 
-    # q rows (query x head) into shared memory: the B operands of the key products.
-    q_latent_smem, q_pe_smem, q_up = _q_to_shared(
+    # q rows (query x head) into shared memory: the B operands of the key products (an empty
+    # run reads sequence 0's).
+    q_up = _q_rows_to_shared(
+        q_latent_smem,
+        q_pe_smem,
+        row_max_smem,
         q_latent_ptr,
         q_pe_ptr,
-        batch64,
+        gl.minimum(k_seq, num_seqs - 1).to(gl.int64),
         q_latent_stride_batch,
         q_latent_stride_seq,
         q_latent_stride_head,
         q_pe_stride_batch,
         q_pe_stride_seq,
         q_pe_stride_head,
-        head_group,
+        0,
         n_heads,
         n_rows,
         BLOCK_H,
@@ -467,18 +666,28 @@ def mla_decode_split_sm90_kernel(
         IS_FP8,
     )
     fence_async_shared()
+    # The next two tiles' page ids, read a copy ahead.
+    a_page = _tile_page(
+        a_tile * BLOCK_N,
+        a_limit,
+        block_table_ptr + a_seq.to(gl.int64) * block_table_stride_batch,
+        PAGE_SIZE,
+    )
+    b_page = _tile_page(
+        b_tile * BLOCK_N,
+        gl.where(n_work > 2, b_len, 0),
+        block_table_ptr + b_seq.to(gl.int64) * block_table_stride_batch,
+        PAGE_SIZE,
+    )
 
-    rows = head_group * BLOCK_H + gl.arange(0, BLOCK_H, row_layout)
-    max_score = gl.full([BLOCK_H], -1.0e30, gl.float32, row_layout)
-    denominators = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, mma)
-    acc = gl.zeros([LATENT_DIM, BLOCK_H], gl.float32, mma)
+    rows = gl.arange(0, BLOCK_H, row_layout)
     convert_layout: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0])
     # fp8 scales come one tile ahead, into registers.
     if IS_FP8:
         next_scales = _tile_scales(
-            split_begin,
-            split_end,
-            first_page,
+            k_tile * BLOCK_N,
+            k_limit,
+            k_page,
             latent_scale_ptr,
             scale_stride_page,
             scale_stride_token,
@@ -487,11 +696,11 @@ def mla_decode_split_sm90_kernel(
             token_layout,
         )
         # Tile 0 is converted before the loop, tile i + 1 during tile i's value product; the
-        # latent of tile i + 2 is copied then, with the page ids read one tile ahead.
+        # latent of tile i + 2 is copied then.
         _stage_next_tile(
-            split_begin + BLOCK_N,
-            split_end,
-            page,
+            a_tile * BLOCK_N,
+            a_limit,
+            a_page,
             1,
             0,
             latent_ring,
@@ -504,162 +713,213 @@ def mla_decode_split_sm90_kernel(
             BLOCK_N,
             convert_layout,
         )
-        page_after = _tile_page(
-            split_begin + 2 * BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE
-        )
     else:
         next_scales = gl.zeros([BLOCK_N], gl.float32, token_layout)
-        page_after = page
 
-    for tile in range(n_tiles):
-        # Made here, not kept across iterations: registers are short.
-        no_scores = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, mma)
-        stage = tile % 2
-        tile_begin = split_begin + tile * BLOCK_N
-        if IS_FP8:
-            # Tile i is staged; its rope keys have landed (the next latent copy may still fly).
-            async_copy.wait_group(1)
-            fence_async_shared()
-            gl.thread_barrier()
-            latent = staged.index(stage)
-            k_pe_tile = k_pe_buffers.index(0)
-            token_scale = next_scales
-            next_scales = _tile_scales(
-                tile_begin + BLOCK_N,
-                split_end,
-                page,
-                latent_scale_ptr,
-                scale_stride_page,
-                scale_stride_token,
-                PAGE_SIZE,
-                BLOCK_N,
-                token_layout,
-            )
-        else:
-            # This tile's copies are done and every warp is past the previous tile's reads of
-            # the stage the next copy overwrites.
-            async_copy.wait_group(0)
-            fence_async_shared()
-            gl.thread_barrier()
-            _copy_tile(
-                latent_ring.index(1 - stage),
-                k_pe_buffers.index(1 - stage),
-                tile_begin + BLOCK_N,
-                split_end,
-                page,
-                latent_cache_ptr,
-                k_pe_cache_ptr,
-                latent_stride_page,
-                latent_stride_token,
-                k_pe_stride_page,
-                k_pe_stride_token,
-                PAGE_SIZE,
+    # One pass per sequence of the run: its tiles, then its partial output. The copies run on
+    # across sequences (the a_/b_ positions cross ahead of tile i).
+    i = 0
+    while i < n_work:
+        # A new sequence: its q rows (every warp is past the last key product's reads).
+        if not ONE_SEQUENCE and i > 0:
+            q_up = _reload_q_rows(
+                q_latent_smem,
+                q_pe_smem,
+                row_max_smem,
+                q_latent_ptr,
+                q_pe_ptr,
+                k_seq.to(gl.int64),
+                q_latent_stride_batch,
+                q_latent_stride_seq,
+                q_latent_stride_head,
+                q_pe_stride_batch,
+                q_pe_stride_seq,
+                q_pe_stride_head,
+                0,
+                n_heads,
+                n_rows,
+                BLOCK_H,
                 LATENT_DIM,
                 ROPE_DIM,
-                BLOCK_N,
+                IS_FP8,
             )
-            # Read one iteration ahead, so that no copy waits on its table read.
-            page = _tile_page(tile_begin + 2 * BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE)
-            latent = latent_ring.index(stage)
-            k_pe_tile = k_pe_buffers.index(stage)
-        scores = warpgroup_mma(
-            latent, q_latent_smem.permute((1, 0)), no_scores, use_acc=False, is_async=True
-        )
-        if IS_FP8:
-            # The token's scale multiplies its latent score only (the rope key is not fp8).
-            rope_scores = warpgroup_mma(
-                k_pe_tile, q_pe_smem.permute((1, 0)), no_scores, use_acc=False, is_async=True
+        run_end = gl.minimum(n_work, i + gl.cdiv(k_len, BLOCK_N) - k_tile)
+        if k_tile == 0:
+            # The sequence starts in this run: where the combine finds its partials, at slots
+            # sequence + program for this program and the ones its tiles reach.
+            last_program = (first_tile + i + gl.cdiv(k_len, BLOCK_N) - 1) // per_program
+            gl.store(partial_index_ptr + 2 * k_seq, k_seq + program)
+            gl.store(partial_index_ptr + 2 * k_seq + 1, last_program - program + 1)
+        max_score = gl.full([BLOCK_H], -1.0e30, gl.float32, row_layout)
+        denominators = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, mma)
+        acc = gl.zeros([LATENT_DIM, BLOCK_H], gl.float32, mma)
+        for tile in range(i, run_end):
+            # Made here, not kept across iterations: registers are short.
+            no_scores = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, mma)
+            stage = tile % 2
+            tile_begin = (k_tile + tile - i) * BLOCK_N
+            a_limit = gl.where(tile + 1 < n_work, a_len, 0)
+            if IS_FP8:
+                # Tile i is staged; its rope keys have landed (the next latent copy may fly).
+                async_copy.wait_group(1)
+                fence_async_shared()
+                gl.thread_barrier()
+                latent = staged.index(stage)
+                k_pe_tile = k_pe_buffers.index(0)
+                token_scale = next_scales
+                next_scales = _tile_scales(
+                    a_tile * BLOCK_N,
+                    a_limit,
+                    a_page,
+                    latent_scale_ptr,
+                    scale_stride_page,
+                    scale_stride_token,
+                    PAGE_SIZE,
+                    BLOCK_N,
+                    token_layout,
+                )
+            else:
+                # This tile's copies are done and every warp is past the previous tile's reads
+                # of the stage the next copy overwrites.
+                async_copy.wait_group(0)
+                fence_async_shared()
+                gl.thread_barrier()
+                _copy_tile(
+                    latent_ring.index(1 - stage),
+                    k_pe_buffers.index(1 - stage),
+                    a_tile * BLOCK_N,
+                    a_limit,
+                    a_page,
+                    latent_cache_ptr,
+                    k_pe_cache_ptr,
+                    latent_stride_page,
+                    latent_stride_token,
+                    k_pe_stride_page,
+                    k_pe_stride_token,
+                    PAGE_SIZE,
+                    LATENT_DIM,
+                    ROPE_DIM,
+                    BLOCK_N,
+                )
+                latent = latent_ring.index(stage)
+                k_pe_tile = k_pe_buffers.index(stage)
+            scores = warpgroup_mma(
+                latent, q_latent_smem.permute((1, 0)), no_scores, use_acc=False, is_async=True
             )
-            scores, rope_scores = warpgroup_mma_wait(0, deps=(scores, rope_scores))
-            # The rope keys' buffer is free: the next tile's copy.
-            _copy_rows(
-                k_pe_tile,
-                k_pe_cache_ptr,
-                tile_begin + BLOCK_N,
-                split_end,
-                page,
-                k_pe_stride_page,
-                k_pe_stride_token,
-                PAGE_SIZE,
-                ROPE_DIM,
-                BLOCK_N,
-            )
-            async_copy.commit_group()
-            scores = scores * (token_scale * q_up)[:, None] + rope_scores
-        else:
-            scores = warpgroup_mma(k_pe_tile, q_pe_smem.permute((1, 0)), scores, is_async=True)
-            scores = warpgroup_mma_wait(0, deps=(scores,))
+            if IS_FP8:
+                # The token's scale multiplies its latent score only (the rope key is not fp8).
+                rope_scores = warpgroup_mma(
+                    k_pe_tile, q_pe_smem.permute((1, 0)), no_scores, use_acc=False, is_async=True
+                )
+                scores, rope_scores = warpgroup_mma_wait(0, deps=(scores, rope_scores))
+                # The rope keys' buffer is free: the next tile's copy.
+                _copy_rows(
+                    k_pe_tile,
+                    k_pe_cache_ptr,
+                    a_tile * BLOCK_N,
+                    a_limit,
+                    a_page,
+                    k_pe_stride_page,
+                    k_pe_stride_token,
+                    PAGE_SIZE,
+                    ROPE_DIM,
+                    BLOCK_N,
+                )
+                async_copy.commit_group()
+                scores = scores * (token_scale * q_up)[:, None] + rope_scores
+            else:
+                scores = warpgroup_mma(k_pe_tile, q_pe_smem.permute((1, 0)), scores, is_async=True)
+                scores = warpgroup_mma_wait(0, deps=(scores,))
 
-        positions = tile_begin + gl.arange(0, BLOCK_N, token_layout)
-        # Causal among the new tokens: query i sees positions <= seq_len - q_len + i (made
-        # here, not kept across iterations: registers are short).
-        row_limit = seq_len - q_len + rows // n_heads
-        visible = (positions[:, None] <= row_limit[None, :]) & (positions < split_end)[:, None]
-        scores = gl.where(visible, scores * softmax_scale_log2, -float("inf"))
-        # max_score starts finite: rows that see nothing yet keep alpha = 1 and p = 0.
-        new_max = gl.maximum(max_score, gl.max(scores, axis=0))
-        alpha = gl.exp2(max_score - new_max)
-        p = gl.exp2(scores - new_max[None, :])
-        denominators = denominators * alpha[None, :] + p
-        max_score = new_max
-        if IS_FP8:
-            p = p * (token_scale * P_GAIN)[:, None]
-        p_smem.store(p.to(latent_dtype))
-        fence_async_shared()
-        gl.thread_barrier()
-        acc = acc * alpha[None, :]
-        acc = warpgroup_mma(latent.permute((1, 0)), p_smem, acc, is_async=True)
-        if IS_FP8:
-            # While the value product runs: stage tile i + 1, copy the latent of tile i + 2.
-            _stage_next_tile(
-                tile_begin + 2 * BLOCK_N,
-                split_end,
-                page_after,
-                stage,
-                1 - stage,
-                latent_ring,
-                staged,
-                latent_cache_ptr,
-                latent_stride_page,
-                latent_stride_token,
+            positions = tile_begin + gl.arange(0, BLOCK_N, token_layout)
+            # Causal among the new tokens: query i sees positions <= seq_len - q_len + i.
+            row_limit = k_len - q_len + rows // n_heads
+            visible = (positions[:, None] <= row_limit[None, :]) & (positions < k_len)[:, None]
+            scores = gl.where(visible, scores * softmax_scale_log2, -float("inf"))
+            # max_score starts finite: rows that see nothing yet keep alpha = 1 and p = 0.
+            new_max = gl.maximum(max_score, gl.max(scores, axis=0))
+            alpha = gl.exp2(max_score - new_max)
+            p = gl.exp2(scores - new_max[None, :])
+            denominators = denominators * alpha[None, :] + p
+            max_score = new_max
+            if IS_FP8:
+                p = p * (token_scale * P_GAIN)[:, None]
+            p_smem.store(p.to(latent_dtype))
+            fence_async_shared()
+            gl.thread_barrier()
+            acc = acc * alpha[None, :]
+            acc = warpgroup_mma(latent.permute((1, 0)), p_smem, acc, is_async=True)
+            if IS_FP8:
+                # While the value product runs: stage tile i + 1, copy the latent of i + 2.
+                _stage_next_tile(
+                    b_tile * BLOCK_N,
+                    gl.where(tile + 2 < n_work, b_len, 0),
+                    b_page,
+                    stage,
+                    1 - stage,
+                    latent_ring,
+                    staged,
+                    latent_cache_ptr,
+                    latent_stride_page,
+                    latent_stride_token,
+                    PAGE_SIZE,
+                    LATENT_DIM,
+                    BLOCK_N,
+                    convert_layout,
+                )
+            # One tile on, while the value product runs: the page id of the new b_ tile is read
+            # an iteration before its copy.
+            a_tile, a_len, a_page = b_tile, b_len, b_page
+            b_seq, b_tile, b_len = _next_tile(
+                b_seq, b_tile, b_len, seq_lens_ptr, num_seqs, BLOCK_N, ONE_SEQUENCE
+            )
+            b_page = _tile_page(
+                b_tile * BLOCK_N,
+                gl.where(tile + 3 < n_work, b_len, 0),
+                block_table_ptr + b_seq.to(gl.int64) * block_table_stride_batch,
                 PAGE_SIZE,
-                LATENT_DIM,
-                BLOCK_N,
-                convert_layout,
             )
-            page = page_after
-            page_after = _tile_page(
-                tile_begin + 3 * BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+
+        # This sequence's output from this run (a row that saw no token has denominator 0:
+        # output 0 and lse -inf, log2(0)).
+        denominator = gl.sum(denominators, axis=0)
+        has_tokens = denominator > 0.0
+        safe_denominator = gl.where(has_tokens, denominator, 1.0)
+        if IS_FP8:
+            out = acc / (safe_denominator * P_GAIN)[None, :]
+        else:
+            out = acc / safe_denominator[None, :]
+        row_mask = rows < n_rows
+        cols = gl.arange(0, LATENT_DIM, token_layout)
+        if SINGLE_SPLIT:
+            out_rows = k_seq.to(gl.int64) * n_rows + rows
+            gl.store(
+                out_ptr + (out_rows * LATENT_DIM)[None, :] + cols[:, None],
+                out.to(out_ptr.dtype.element_ty),
+                mask=row_mask[None, :],
             )
-        acc = warpgroup_mma_wait(0, deps=(acc,))
+        else:
+            partial_rows = (k_seq + program).to(gl.int64) * n_rows + rows
+            lse = gl.where(has_tokens, max_score + gl.log2(safe_denominator), -float("inf"))
+            gl.store(partial_lse_ptr + partial_rows, lse, mask=row_mask)
+            gl.store(
+                partial_out_ptr + (partial_rows * LATENT_DIM)[None, :] + cols[:, None],
+                out,
+                mask=row_mask[None, :],
+            )
+        i = run_end
+        k_seq, k_len = _next_sequence(k_seq, seq_lens_ptr, num_seqs)
+        k_tile = 0
     async_copy.wait_group(0)
-
-    # A row that saw no token has denominator 0: output 0 and lse -inf (log2(0)).
-    denominator = gl.sum(denominators, axis=0)
-    has_tokens = denominator > 0.0
-    if IS_FP8:
-        out = acc / (gl.where(has_tokens, denominator, 1.0) * P_GAIN)[None, :]
-    else:
-        out = acc / gl.where(has_tokens, denominator, 1.0)[None, :]
-    out_rows = batch64 * n_rows + rows
-    row_mask = rows < n_rows
-    cols = gl.arange(0, LATENT_DIM, token_layout)
-    if SINGLE_SPLIT:
+    if SINGLE_SPLIT and n_work == 0:
+        # One sequence without tokens: zeros.
         gl.store(
-            out_ptr + (out_rows * LATENT_DIM)[None, :] + cols[:, None],
-            out.to(out_ptr.dtype.element_ty),
-            mask=row_mask[None, :],
-        )
-    else:
-        partial_rows = out_rows * num_splits + split
-        lse = gl.where(
-            has_tokens, max_score + gl.log2(gl.where(has_tokens, denominator, 1.0)), -float("inf")
-        )
-        gl.store(partial_lse_ptr + partial_rows, lse, mask=row_mask)
-        gl.store(
-            partial_out_ptr + (partial_rows * LATENT_DIM)[None, :] + cols[:, None],
-            out,
-            mask=row_mask[None, :],
+            out_ptr
+            + (rows * LATENT_DIM)[None, :]
+            + gl.arange(0, LATENT_DIM, token_layout)[:, None],
+            gl.zeros([LATENT_DIM, BLOCK_H], gl.float32, mma).to(out_ptr.dtype.element_ty),
+            mask=(rows < n_rows)[None, :],
         )
 
 
@@ -783,7 +1043,13 @@ def mla_decode_split_sm90_wide_kernel(
     page = _tile_page(split_begin + BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE)
 
     # q rows (query x head) into shared memory: the A operands of the key products.
-    q_latent_smem, q_pe_smem, q_up = _q_to_shared(
+    q_latent_smem, q_pe_smem, row_max_smem = _q_shared_memory(
+        latent_dtype, dot_dtype, BLOCK_H, LATENT_DIM, ROPE_DIM
+    )
+    q_up = _q_rows_to_shared(
+        q_latent_smem,
+        q_pe_smem,
+        row_max_smem,
         q_latent_ptr,
         q_pe_ptr,
         batch64,
