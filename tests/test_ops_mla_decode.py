@@ -594,25 +594,26 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
         fp8 = kind != "bf16"
         dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
         gluon, num_warps = m.sm90_gluon_kernel(block_h, 64, dtype, int(fp8))
-        signature = split_signature(gluon, fp8)
-        # Token strides are constexprs: the engine's pools (bf16: one 576-wide pool).
-        constants = dict(SINGLE_SPLIT=False, PAGE_SIZE=64, LATENT_DIM=512, ROPE_DIM=64,
-                         IS_FP8=fp8, BLOCK_H=block_h, BLOCK_N=m.sm90.BLOCK_N,
-                         latent_stride_token=512 if fp8 else 576,
-                         k_pe_stride_token=64 if fp8 else 576)
-        # The persistent kernel: batches up to 128, and its batch-of-one variant.
-        persistent = "BLOCK_B" in gluon.arg_names
-        for one_sequence in (False, True) if persistent else (None,):
-            if persistent:
-                constants.update(BLOCK_B=128, ONE_SEQUENCE=one_sequence)
-            build = compile_for_sm90(gluon, signature, constants, num_warps)
-            print("gluon", kind, block_h, one_sequence, build)
+        # 16 rows: the grid kernel, and the persistent one for batches up to 128.
+        kernels = [gluon]
+        if gluon is m.sm90.mla_decode_split_sm90_kernel:
+            kernels.append(m.sm90.mla_decode_persistent_sm90_kernel)
+        for kernel in kernels:
+            # Token strides are constexprs: the engine's pools (bf16: one 576-wide pool).
+            constants = dict(PAGE_SIZE=64, LATENT_DIM=512, ROPE_DIM=64,
+                             IS_FP8=fp8, BLOCK_H=block_h, BLOCK_N=m.sm90.BLOCK_N,
+                             latent_stride_token=512 if fp8 else 576,
+                             k_pe_stride_token=64 if fp8 else 576)
+            constants.update(BLOCK_B=128) if "BLOCK_B" in kernel.arg_names else constants.update(
+                SINGLE_SPLIT=False)
+            build = compile_for_sm90(kernel, split_signature(kernel, fp8), constants, num_warps)
+            print(kernel.fn.__name__, kind, block_h, build)
             # fp8: one 4-byte slot of local memory holds a value of the epilogue across the
             # loop (SASS: stores before the loop, one load after it), not a spill inside it.
             spill_budget = 8 if fp8 else 0
             if (build.spill_stores > spill_budget or build.shared > MAX_SHARED
                     or build.wgmma_serialized):
-                failures.append(("gluon", kind, block_h, one_sequence, build))
+                failures.append((kernel.fn.__name__, kind, block_h, build))
     combine = m._mla_decode_combine_kernel
     for persistent in (False, True):
         compile_for_sm90(combine,
@@ -738,10 +739,12 @@ def test_cuda_sm90_gluon_kernels(fp8, heads, q_len, page_size):
 
 @requires_cuda
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_cuda_persistent_schedule(fp8):
-    """The token-major kernel's runs of tiles across sequence boundaries: programs covering
-    many sequences (one-tile ones among them) or part of one, sequences without tokens between
-    them (zeros), over NaN-poisoned pages, against the fp32 reference."""
+def test_cuda_persistent_schedule(fp8, monkeypatch):
+    """The persistent token-major kernel's runs of tiles across sequence boundaries (taken here
+    from two sequences on): programs covering many sequences (one-tile ones among them) or part
+    of one, sequences without tokens between them (zeros), over NaN-poisoned pages, against the
+    fp32 reference."""
+    monkeypatch.setattr(mla_decode_module.sm90, "PERSISTENT_MIN_BATCH", 2)
     seq_lens = [5, 1000, 7, 3, 64, 1, 9, 130, 3001, 65]
     empty = [0, 2, 3, 6]
     case = to_cuda(make_case(seed=22, seq_lens=seq_lens, q_len=1, dims=GPU_DIMS[0]))

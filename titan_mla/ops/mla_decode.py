@@ -37,11 +37,13 @@ cache reads too): every latent row is loaded once per program and used twice, as
 ``q_latent @ latent^T`` and as the value of ``p @ latent``. Softmax and accumulation are float32.
 Launch shapes depend only on tensor shapes (num_splits is a Python int), so a call can be captured
 in a CUDA graph; splits past a sequence's end find no tokens and write an empty partial. On sm_90
-(pages of a multiple of 64 tokens, a bf16/fp16 cache or fp8 with per-token scales), programs of 64
-rows take the wide Gluon kernel of mla_decode_sm90 on the same grid, and a sequence's rows up to
-16 (batches up to sm90.MAX_BATCH) the persistent token-major one: min(batch x num_splits, SMs)
-programs, each an equal run of the batch's tiles across sequence boundaries, a partial per
-(sequence, program) and the combine told where they are (DecodeConfig.sm90_gluon).
+(pages of a multiple of 64 tokens, a bf16/fp16 cache or fp8 with per-token scales), programs of
+at most 16 query rows and of 64 rows take the Gluon split kernels of mla_decode_sm90 on the same
+grid, with the same partial outputs and combine (DecodeConfig.sm90_gluon); batches of
+sm90.PERSISTENT_MIN_BATCH to sm90.MAX_BATCH sequences of up to 16 rows each take its persistent
+token-major kernel instead: min(batch x num_splits, SMs) programs, each an equal run of the
+batch's tiles across sequence boundaries, a partial per (sequence, program) and the combine told
+where they are.
 
 Launch parameters (DecodeConfig: rows per program, tile size, warps, stages, register prefetch,
 the split heuristic's programs per SM, the fp8 scale handling) come from the TUNED_CONFIGS table,
@@ -949,14 +951,20 @@ def mla_decode_triton(
         and _is_sm90(q_latent.device)
         and sm90_gluon_kernel(config.block_h, page_size, latent_cache.dtype, scale_groups)
     )
-    persistent = bool(gluon) and gluon[0] is sm90.mla_decode_split_sm90_kernel
-    if persistent and (n_rows > config.block_h or batch > sm90.MAX_BATCH):
-        # The token-major kernel holds a sequence's rows in one program, and every length.
-        gluon = persistent = False
-    # The persistent kernel: batch x num_splits programs' worth of equal runs of tiles, at most
-    # one program per SM, a partial per sequence a program touches (slot sequence + program).
+    # Batches of PERSISTENT_MIN_BATCH sequences and more (up to MAX_BATCH, a sequence's rows in
+    # one program) take the persistent token-major kernel: batch x num_splits programs' worth of
+    # equal runs of tiles, at most one program per SM, a partial per sequence a program touches
+    # (slot sequence + program).
+    persistent = (
+        bool(gluon)
+        and gluon[0] is sm90.mla_decode_split_sm90_kernel
+        and sm90.PERSISTENT_MIN_BATCH <= batch <= sm90.MAX_BATCH
+        and n_rows <= config.block_h
+    )
+    if persistent:
+        gluon = sm90.mla_decode_persistent_sm90_kernel, gluon[1]
     programs = min(batch * num_splits, sm_count) if persistent else num_splits
-    single = programs == 1 and (batch == 1 or not persistent)
+    single = programs == 1 and not persistent
     out = torch.empty(q_latent.shape, dtype=q_latent.dtype, device=q_latent.device)
     if single:
         partial_out = partial_lse = out  # unused: the split kernel writes out directly
@@ -977,15 +985,17 @@ def mla_decode_triton(
     if gluon:
         split_kernel, num_warps = gluon
         constants = dict(IS_FP8=fp8_cache, BLOCK_H=config.block_h, BLOCK_N=sm90.BLOCK_N)
-        if persistent:
-            # The schedule reads every sequence length in one vector (a batch of one: no sum).
-            constants.update(
-                BLOCK_B=triton.next_power_of_2(max(batch, 128)), ONE_SEQUENCE=batch == 1
-            )
+        # The persistent schedule reads every sequence length in one vector.
+        constants.update(
+            dict(BLOCK_B=triton.next_power_of_2(max(batch, 128)))
+            if persistent
+            else dict(SINGLE_SPLIT=single)
+        )
         launch = dict(num_warps=num_warps)
     else:
         split_kernel = _mla_decode_split_kernel
         constants = dict(
+            SINGLE_SPLIT=single,
             SCALE_GROUPS=scale_groups,
             # One group (per-token scales) has its own 2-d way (see _attend_tile).
             GROUP_LAYOUT=scale_groups if config.fp8_grouped_dots and scale_groups > 1 else 0,
@@ -1024,7 +1034,6 @@ def mla_decode_triton(
         scale.stride(1),
         block_table.stride(0),
         *((batch, partial_index) if persistent else ()),
-        SINGLE_SPLIT=single,
         PAGE_SIZE=page_size,
         LATENT_DIM=latent_dim,
         ROPE_DIM=rope_dim,

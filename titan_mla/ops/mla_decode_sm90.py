@@ -4,10 +4,13 @@ Inputs as ``_mla_decode_split_kernel`` in mla_decode.py, whose combine kernel me
 outputs, for pages of a multiple of 64 tokens:
 
 - ``mla_decode_split_sm90_kernel``, the memory-bound case: token-major wgmma over a latent tile
-  staged once in shared memory, all of a sequence's query rows (at most 16) in one program, a
-  bf16/fp16 cache or an fp8 cache with one scale per token (described below). Persistent: a
+  staged once in shared memory, at most 16 query rows per program, a bf16/fp16 cache or an fp8
+  cache with one scale per token (described below), on the Triton kernel's grid (head groups,
+  sequences, splits).
+- ``mla_decode_persistent_sm90_kernel``, the same tiles (one shared tile body, ``_attend_tile``)
+  for batches of many sequences: all of a sequence's query rows in one program, a
   one-dimensional grid of at most one program per SM, each attending to an equal run of the
-  batch's tiles, across sequence boundaries (FlashMLA's balanced schedule: no program waits on a
+  batch's tiles across sequence boundaries (FlashMLA's balanced schedule: no program waits on a
   longer sequence, and no program starts or ends per split).
 - ``mla_decode_split_sm90_wide_kernel``, the compute-bound case: 64 query rows per program (128
   heads) as wgmma's M, two warpgroups, the same caches, on the Triton kernel's grid (head groups,
@@ -51,12 +54,16 @@ BLOCK_N = 64
 NUM_WARPS = 4
 # The output accumulator (512 x rows fp32) takes rows x 4 registers per thread: 32 rows spill.
 MAX_ROWS = 16
-# The token-major kernel's schedule holds every sequence length in one vector per warp: batches
-# up to this.
+# mla_decode_persistent_sm90_kernel takes batches from PERSISTENT_MIN_BATCH sequences (on H100
+# it ran at 0.96-0.98x of the grid kernel at 16 variable-length sequences, 1.06-1.13x at 32) up
+# to MAX_BATCH (its schedule holds every sequence length in one vector per warp).
+PERSISTENT_MIN_BATCH = 32
 MAX_BATCH = 1024
 # mla_decode_split_sm90_wide_kernel: 64 rows per program, two warpgroups.
 WIDE_ROWS = 64
 WIDE_NUM_WARPS = 8
+# fp8 tiles are converted to fp16 through registers in this layout, 16 rows at a time.
+CONVERT_LAYOUT = gl.constexpr(gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0]))
 
 
 @gluon.constexpr_function
@@ -429,45 +436,33 @@ def _schedule_start(
     num_programs,
     BLOCK_N: gl.constexpr,
     BLOCK_B: gl.constexpr,
-    ONE_SEQUENCE: gl.constexpr,
 ):
     """A program's share of the batch: the tiles of all sequences in (sequence, token) order,
     cut into num_programs runs of equal length (the last ones shorter). Returns the number of
     tiles of this program's run and the position of its first one (the sequence, the tile in
     it, the sequence's length), the run's first tile and the runs' length. Program 0 also
     writes the partial index entries (first slot, count) = (0, 0) of the sequences without
-    tokens. ONE_SEQUENCE: a batch of one, whose runs need no prefix sum."""
-    if ONE_SEQUENCE:
-        seq_len = gl.load(seq_lens_ptr)
-        total = gl.cdiv(seq_len, BLOCK_N)
-    else:
-        # Every warp holds the whole vector: the sums stay within a warp (no shared memory).
-        layout: gl.constexpr = gl.BlockedLayout([BLOCK_B // 32], [32], [gl.num_warps()], [0])
-        seqs = gl.arange(0, BLOCK_B, layout)
-        lens = gl.load(seq_lens_ptr + seqs, mask=seqs < num_seqs, other=0)
-        tiles = gl.cdiv(lens, BLOCK_N)
-        ends = gl.associative_scan(tiles, 0, _add)
-        total = gl.sum(tiles, axis=0)
+    tokens."""
+    # Every warp holds the whole vector: the sums stay within a warp (no shared memory).
+    layout: gl.constexpr = gl.BlockedLayout([BLOCK_B // 32], [32], [gl.num_warps()], [0])
+    seqs = gl.arange(0, BLOCK_B, layout)
+    lens = gl.load(seq_lens_ptr + seqs, mask=seqs < num_seqs, other=0)
+    tiles = gl.cdiv(lens, BLOCK_N)
+    ends = gl.associative_scan(tiles, 0, _add)
+    total = gl.sum(tiles, axis=0)
     per_program = gl.cdiv(total, num_programs)
     first_tile = program * per_program
     n_work = gl.maximum(gl.minimum(per_program, total - first_tile), 0)
-    if ONE_SEQUENCE:
-        seq = gl.to_tensor(0)
-        seq_begin = gl.to_tensor(0)
-        if (program == 0) & (total == 0):
-            gl.store(partial_index_ptr, 0)
-            gl.store(partial_index_ptr + 1, 0)
-    else:
-        # The first sequence that ends past first_tile (sequences without tokens end where they
-        # begin: never chosen, unless the run is empty).
-        seq = gl.sum((ends <= first_tile).to(gl.int32), axis=0)
-        seq_begin = gl.sum(gl.where(seqs == seq, ends - tiles, 0), axis=0)
-        seq_len = gl.sum(gl.where(seqs == seq, lens, 0), axis=0)
-        if program == 0:
-            # Sequences without tokens have no partials (the others' entries: see the kernel).
-            empty = (seqs < num_seqs) & (tiles == 0)
-            gl.store(partial_index_ptr + 2 * seqs, 0, mask=empty)
-            gl.store(partial_index_ptr + 2 * seqs + 1, 0, mask=empty)
+    # The first sequence that ends past first_tile (sequences without tokens end where they
+    # begin: never chosen, unless the run is empty).
+    seq = gl.sum((ends <= first_tile).to(gl.int32), axis=0)
+    seq_begin = gl.sum(gl.where(seqs == seq, ends - tiles, 0), axis=0)
+    seq_len = gl.sum(gl.where(seqs == seq, lens, 0), axis=0)
+    if program == 0:
+        # Sequences without tokens have no partials (the others' entries: see the kernel).
+        empty = (seqs < num_seqs) & (tiles == 0)
+        gl.store(partial_index_ptr + 2 * seqs, 0, mask=empty)
+        gl.store(partial_index_ptr + 2 * seqs + 1, 0, mask=empty)
     return n_work, seq, first_tile - seq_begin, seq_len, first_tile, per_program
 
 
@@ -483,17 +478,389 @@ def _next_sequence(seq, seq_lens_ptr, num_seqs):
 
 
 @gluon.jit
-def _next_tile(
-    seq, tile, seq_len, seq_lens_ptr, num_seqs, BLOCK_N: gl.constexpr, ONE_SEQUENCE: gl.constexpr
-):
+def _next_tile(seq, tile, seq_len, seq_lens_ptr, num_seqs, BLOCK_N: gl.constexpr):
     """The tile after (seq, tile) in schedule order: the sequence's next one, else the first of
-    the next sequence with tokens (ONE_SEQUENCE: runs end within the sequence, and a tile past
-    the run is masked off by its caller)."""
+    the next sequence with tokens."""
     tile += 1
-    if not ONE_SEQUENCE and tile * BLOCK_N >= seq_len:
+    if tile * BLOCK_N >= seq_len:
         tile = 0
         seq, seq_len = _next_sequence(seq, seq_lens_ptr, num_seqs)
     return seq, tile, seq_len
+
+
+@gluon.constexpr_function
+def _latent_dtype(dot_dtype, is_fp8):
+    """The dtype of the latent products: q's, or for an fp8 cache fp16 (e4m3 -> fp16 is one
+    conversion per two values; -> bf16 goes through fp16 and then one more per value)."""
+    return gl.float16 if is_fp8 else dot_dtype
+
+
+@gluon.constexpr_function
+def _token_major_mma(block_h):
+    """The token-major products' accumulator layout: tokens (or latent columns) down the four
+    warps, the block_h query rows as wgmma's N."""
+    return gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, block_h, 16]
+    )
+
+
+@gluon.jit
+def _token_major_buffers(
+    cache_dtype: gl.constexpr,
+    dot_dtype: gl.constexpr,
+    BLOCK_H: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    LATENT_DIM: gl.constexpr,
+    ROPE_DIM: gl.constexpr,
+    IS_FP8: gl.constexpr,
+):
+    """The token-major kernels' shared memory. Two latent stages: the next tile's copy flies
+    while this one is used. bf16: the value product reads the stage, so a tile's products finish
+    within its iteration. fp8: tiles are converted into two staging buffers (``staged``; without
+    fp8 the latent stages, never read as such), the next tile while this one's value product
+    runs; the rope keys then have one buffer, copied once the key products are done. Then the
+    softmax weights and q."""
+    latent_dtype: gl.constexpr = _latent_dtype(dot_dtype, IS_FP8)
+    latent_ring = gl.allocate_shared_memory(
+        cache_dtype,
+        [2, BLOCK_N, LATENT_DIM],
+        gl.NVMMASharedLayout.get_default_for([BLOCK_N, LATENT_DIM], cache_dtype),
+    )
+    k_pe_buffers = gl.allocate_shared_memory(
+        dot_dtype,
+        [1 if IS_FP8 else 2, BLOCK_N, ROPE_DIM],
+        gl.NVMMASharedLayout.get_default_for([BLOCK_N, ROPE_DIM], dot_dtype),
+    )
+    if IS_FP8:
+        staged = gl.allocate_shared_memory(
+            latent_dtype,
+            [2, BLOCK_N, LATENT_DIM],
+            gl.NVMMASharedLayout.get_default_for([BLOCK_N, LATENT_DIM], latent_dtype),
+        )
+    else:
+        staged = latent_ring
+    p_smem = gl.allocate_shared_memory(
+        latent_dtype,
+        [BLOCK_N, BLOCK_H],
+        gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_H], latent_dtype),
+    )
+    q_latent_smem, q_pe_smem, row_max_smem = _q_shared_memory(
+        latent_dtype, dot_dtype, BLOCK_H, LATENT_DIM, ROPE_DIM
+    )
+    return latent_ring, k_pe_buffers, staged, p_smem, q_latent_smem, q_pe_smem, row_max_smem
+
+
+@gluon.jit
+def _copy_first_tile(
+    latent_ring,
+    k_pe_buffers,
+    tile_begin,
+    limit,
+    page,
+    latent_cache_ptr,
+    k_pe_cache_ptr,
+    latent_stride_page,
+    latent_stride_token: gl.constexpr,
+    k_pe_stride_page,
+    k_pe_stride_token: gl.constexpr,
+    PAGE_SIZE: gl.constexpr,
+    LATENT_DIM: gl.constexpr,
+    ROPE_DIM: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    IS_FP8: gl.constexpr,
+):
+    """A program's first tile into stage 0 (fp8: the latent and the rope keys as two commit
+    groups, in the order the loop waits for them)."""
+    _copy_rows(
+        latent_ring.index(0),
+        latent_cache_ptr,
+        tile_begin,
+        limit,
+        page,
+        latent_stride_page,
+        latent_stride_token,
+        PAGE_SIZE,
+        LATENT_DIM,
+        BLOCK_N,
+    )
+    if IS_FP8:
+        async_copy.commit_group()
+    _copy_rows(
+        k_pe_buffers.index(0),
+        k_pe_cache_ptr,
+        tile_begin,
+        limit,
+        page,
+        k_pe_stride_page,
+        k_pe_stride_token,
+        PAGE_SIZE,
+        ROPE_DIM,
+        BLOCK_N,
+    )
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _stage_first_tile(
+    first_begin,
+    first_limit,
+    first_page,
+    next_begin,
+    next_limit,
+    next_page,
+    latent_ring,
+    staged,
+    latent_cache_ptr,
+    latent_scale_ptr,
+    latent_stride_page,
+    latent_stride_token: gl.constexpr,
+    scale_stride_page,
+    scale_stride_token,
+    PAGE_SIZE: gl.constexpr,
+    LATENT_DIM: gl.constexpr,
+    BLOCK_H: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    IS_FP8: gl.constexpr,
+):
+    """Before the tile loop: fp8 scales come one tile ahead, into registers (returned: the
+    first tile's; zeros without fp8); the first tile is converted before the loop, tile i + 1
+    during tile i's value product, and the latent of tile i + 2 is copied then."""
+    token_layout: gl.constexpr = gl.SliceLayout(1, _token_major_mma(BLOCK_H))
+    if IS_FP8:
+        first_scales = _tile_scales(
+            first_begin,
+            first_limit,
+            first_page,
+            latent_scale_ptr,
+            scale_stride_page,
+            scale_stride_token,
+            PAGE_SIZE,
+            BLOCK_N,
+            token_layout,
+        )
+        _stage_next_tile(
+            next_begin,
+            next_limit,
+            next_page,
+            1,
+            0,
+            latent_ring,
+            staged,
+            latent_cache_ptr,
+            latent_stride_page,
+            latent_stride_token,
+            PAGE_SIZE,
+            LATENT_DIM,
+            BLOCK_N,
+            CONVERT_LAYOUT,
+        )
+    else:
+        first_scales = gl.zeros([BLOCK_N], gl.float32, token_layout)
+    return first_scales
+
+
+@gluon.jit
+def _attend_tile(
+    stage,
+    tile_begin,
+    seq_len,
+    next_begin,
+    next_limit,
+    next_page,
+    after_begin,
+    after_limit,
+    after_page,
+    max_score,
+    denominators,
+    acc,
+    next_scales,
+    q_up,
+    rows,
+    q_len,
+    n_heads,
+    softmax_scale_log2,
+    latent_ring,
+    k_pe_buffers,
+    staged,
+    p_smem,
+    q_latent_smem,
+    q_pe_smem,
+    latent_cache_ptr,
+    k_pe_cache_ptr,
+    latent_scale_ptr,
+    latent_stride_page,
+    latent_stride_token: gl.constexpr,
+    k_pe_stride_page,
+    k_pe_stride_token: gl.constexpr,
+    scale_stride_page,
+    scale_stride_token,
+    PAGE_SIZE: gl.constexpr,
+    LATENT_DIM: gl.constexpr,
+    ROPE_DIM: gl.constexpr,
+    BLOCK_H: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    IS_FP8: gl.constexpr,
+):
+    """One tile of a token-major kernel's loop: the tile at tile_begin of a sequence of seq_len
+    tokens, in ``stage``; the next tile's copy (next_*: begin, limit past which rows are masked
+    off, page id) goes out, and for fp8 the tile after's latent copy (after_*). Returns the
+    softmax state with the value product still in flight (the caller waits for it, its own
+    bookkeeping in the shadow of the tensor cores) and the next tile's fp8 scales."""
+    mma: gl.constexpr = _token_major_mma(BLOCK_H)
+    token_layout: gl.constexpr = gl.SliceLayout(1, mma)
+    # Made here, not kept across iterations: registers are short.
+    no_scores = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, mma)
+    if IS_FP8:
+        # The tile is staged; its rope keys have landed (the next latent copy may still fly).
+        async_copy.wait_group(1)
+        fence_async_shared()
+        gl.thread_barrier()
+        latent = staged.index(stage)
+        k_pe_tile = k_pe_buffers.index(0)
+        token_scale = next_scales
+        next_scales = _tile_scales(
+            next_begin,
+            next_limit,
+            next_page,
+            latent_scale_ptr,
+            scale_stride_page,
+            scale_stride_token,
+            PAGE_SIZE,
+            BLOCK_N,
+            token_layout,
+        )
+    else:
+        # The tile's copies are done and every warp is past the previous tile's reads of the
+        # stage the next copy overwrites.
+        async_copy.wait_group(0)
+        fence_async_shared()
+        gl.thread_barrier()
+        _copy_tile(
+            latent_ring.index(1 - stage),
+            k_pe_buffers.index(1 - stage),
+            next_begin,
+            next_limit,
+            next_page,
+            latent_cache_ptr,
+            k_pe_cache_ptr,
+            latent_stride_page,
+            latent_stride_token,
+            k_pe_stride_page,
+            k_pe_stride_token,
+            PAGE_SIZE,
+            LATENT_DIM,
+            ROPE_DIM,
+            BLOCK_N,
+        )
+        latent = latent_ring.index(stage)
+        k_pe_tile = k_pe_buffers.index(stage)
+    scores = warpgroup_mma(
+        latent, q_latent_smem.permute((1, 0)), no_scores, use_acc=False, is_async=True
+    )
+    if IS_FP8:
+        # The token's scale multiplies its latent score only (the rope key is not fp8).
+        rope_scores = warpgroup_mma(
+            k_pe_tile, q_pe_smem.permute((1, 0)), no_scores, use_acc=False, is_async=True
+        )
+        scores, rope_scores = warpgroup_mma_wait(0, deps=(scores, rope_scores))
+        # The rope keys' buffer is free: the next tile's copy.
+        _copy_rows(
+            k_pe_tile,
+            k_pe_cache_ptr,
+            next_begin,
+            next_limit,
+            next_page,
+            k_pe_stride_page,
+            k_pe_stride_token,
+            PAGE_SIZE,
+            ROPE_DIM,
+            BLOCK_N,
+        )
+        async_copy.commit_group()
+        scores = scores * (token_scale * q_up)[:, None] + rope_scores
+    else:
+        scores = warpgroup_mma(k_pe_tile, q_pe_smem.permute((1, 0)), scores, is_async=True)
+        scores = warpgroup_mma_wait(0, deps=(scores,))
+
+    positions = tile_begin + gl.arange(0, BLOCK_N, token_layout)
+    # Causal among the new tokens: query i sees positions <= seq_len - q_len + i (made here,
+    # not kept across iterations: registers are short).
+    row_limit = seq_len - q_len + rows // n_heads
+    visible = (positions[:, None] <= row_limit[None, :]) & (positions < seq_len)[:, None]
+    scores = gl.where(visible, scores * softmax_scale_log2, -float("inf"))
+    # max_score starts finite: rows that see nothing yet keep alpha = 1 and p = 0.
+    new_max = gl.maximum(max_score, gl.max(scores, axis=0))
+    alpha = gl.exp2(max_score - new_max)
+    p = gl.exp2(scores - new_max[None, :])
+    denominators = denominators * alpha[None, :] + p
+    if IS_FP8:
+        p = p * (token_scale * P_GAIN)[:, None]
+    p_smem.store(p.to(p_smem.dtype))
+    fence_async_shared()
+    gl.thread_barrier()
+    acc = acc * alpha[None, :]
+    acc = warpgroup_mma(latent.permute((1, 0)), p_smem, acc, is_async=True)
+    if IS_FP8:
+        # While the value product runs: stage tile i + 1, copy the latent of tile i + 2.
+        _stage_next_tile(
+            after_begin,
+            after_limit,
+            after_page,
+            stage,
+            1 - stage,
+            latent_ring,
+            staged,
+            latent_cache_ptr,
+            latent_stride_page,
+            latent_stride_token,
+            PAGE_SIZE,
+            LATENT_DIM,
+            BLOCK_N,
+            CONVERT_LAYOUT,
+        )
+    return acc, denominators, new_max, next_scales
+
+
+@gluon.jit
+def _store_rows(
+    acc,
+    denominators,
+    max_score,
+    rows,
+    n_rows,
+    out_rows,
+    partial_rows,
+    out_ptr,
+    partial_out_ptr,
+    partial_lse_ptr,
+    LATENT_DIM: gl.constexpr,
+    BLOCK_H: gl.constexpr,
+    SINGLE_SPLIT: gl.constexpr,
+    IS_FP8: gl.constexpr,
+):
+    """A program's output for one sequence: the finished rows at out_rows (SINGLE_SPLIT), else
+    the partial output and its log2-sum-exp at partial_rows. A row that saw no token has
+    denominator 0: output 0 and lse -inf (log2(0))."""
+    denominator = gl.sum(denominators, axis=0)
+    has_tokens = denominator > 0.0
+    safe_denominator = gl.where(has_tokens, denominator, 1.0)
+    out = acc / (safe_denominator * P_GAIN)[None, :] if IS_FP8 else acc / safe_denominator[None, :]
+    row_mask = rows < n_rows
+    cols = gl.arange(0, LATENT_DIM, gl.SliceLayout(1, _token_major_mma(BLOCK_H)))
+    if SINGLE_SPLIT:
+        gl.store(
+            out_ptr + (out_rows * LATENT_DIM)[None, :] + cols[:, None],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_mask[None, :],
+        )
+    else:
+        lse = gl.where(has_tokens, max_score + gl.log2(safe_denominator), -float("inf"))
+        gl.store(partial_lse_ptr + partial_rows, lse, mask=row_mask)
+        gl.store(
+            partial_out_ptr + (partial_rows * LATENT_DIM)[None, :] + cols[:, None],
+            out,
+            mask=row_mask[None, :],
+        )
 
 
 @gluon.jit
@@ -524,8 +891,6 @@ def mla_decode_split_sm90_kernel(
     scale_stride_page,
     scale_stride_token,
     block_table_stride_batch,
-    num_seqs,
-    partial_index_ptr,
     SINGLE_SPLIT: gl.constexpr,
     PAGE_SIZE: gl.constexpr,
     LATENT_DIM: gl.constexpr,
@@ -533,60 +898,237 @@ def mla_decode_split_sm90_kernel(
     IS_FP8: gl.constexpr,
     BLOCK_H: gl.constexpr,
     BLOCK_N: gl.constexpr,
+):
+    """The Triton kernel's grid (head groups, sequences, splits): a program attends to one
+    split of one sequence, up to BLOCK_H of its rows."""
+    head_group = gl.program_id(0)
+    batch = gl.program_id(1)
+    split = gl.program_id(2)
+    num_splits = gl.num_programs(2)
+    n_rows = q_len * n_heads
+    batch64 = batch.to(gl.int64)
+    seq_len = gl.load(seq_lens_ptr + batch)
+    split_begin, split_end, n_tiles = _split_range(seq_len, split, num_splits, BLOCK_N)
+    block_table_row_ptr = block_table_ptr + batch64 * block_table_stride_batch
+
+    latent_ring, k_pe_buffers, staged, p_smem, q_latent_smem, q_pe_smem, row_max_smem = (
+        _token_major_buffers(
+            latent_cache_ptr.dtype.element_ty,
+            q_pe_ptr.dtype.element_ty,
+            BLOCK_H,
+            BLOCK_N,
+            LATENT_DIM,
+            ROPE_DIM,
+            IS_FP8,
+        )
+    )
+    # The first tile's copies go out before q is read.
+    first_page = _tile_page(split_begin, split_end, block_table_row_ptr, PAGE_SIZE)
+    _copy_first_tile(
+        latent_ring,
+        k_pe_buffers,
+        split_begin,
+        split_end,
+        first_page,
+        latent_cache_ptr,
+        k_pe_cache_ptr,
+        latent_stride_page,
+        latent_stride_token,
+        k_pe_stride_page,
+        k_pe_stride_token,
+        PAGE_SIZE,
+        LATENT_DIM,
+        ROPE_DIM,
+        BLOCK_N,
+        IS_FP8,
+    )
+    page = _tile_page(split_begin + BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE)
+
+    # q rows (query x head) into shared memory: the B operands of the key products.
+    q_up = _q_rows_to_shared(
+        q_latent_smem,
+        q_pe_smem,
+        row_max_smem,
+        q_latent_ptr,
+        q_pe_ptr,
+        batch64,
+        q_latent_stride_batch,
+        q_latent_stride_seq,
+        q_latent_stride_head,
+        q_pe_stride_batch,
+        q_pe_stride_seq,
+        q_pe_stride_head,
+        head_group,
+        n_heads,
+        n_rows,
+        BLOCK_H,
+        LATENT_DIM,
+        ROPE_DIM,
+        IS_FP8,
+    )
+    fence_async_shared()
+
+    mma: gl.constexpr = _token_major_mma(BLOCK_H)
+    rows = head_group * BLOCK_H + gl.arange(0, BLOCK_H, gl.SliceLayout(0, mma))
+    max_score = gl.full([BLOCK_H], -1.0e30, gl.float32, gl.SliceLayout(0, mma))
+    denominators = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, mma)
+    acc = gl.zeros([LATENT_DIM, BLOCK_H], gl.float32, mma)
+    next_scales = _stage_first_tile(
+        split_begin,
+        split_end,
+        first_page,
+        split_begin + BLOCK_N,
+        split_end,
+        page,
+        latent_ring,
+        staged,
+        latent_cache_ptr,
+        latent_scale_ptr,
+        latent_stride_page,
+        latent_stride_token,
+        scale_stride_page,
+        scale_stride_token,
+        PAGE_SIZE,
+        LATENT_DIM,
+        BLOCK_H,
+        BLOCK_N,
+        IS_FP8,
+    )
+    # fp8: the page ids are read one tile ahead of the copies.
+    if IS_FP8:
+        page_after = _tile_page(
+            split_begin + 2 * BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE
+        )
+    else:
+        page_after = page
+
+    for tile in range(n_tiles):
+        tile_begin = split_begin + tile * BLOCK_N
+        acc, denominators, max_score, next_scales = _attend_tile(
+            tile % 2,
+            tile_begin,
+            seq_len,
+            tile_begin + BLOCK_N,
+            split_end,
+            page,
+            tile_begin + 2 * BLOCK_N,
+            split_end,
+            page_after,
+            max_score,
+            denominators,
+            acc,
+            next_scales,
+            q_up,
+            rows,
+            q_len,
+            n_heads,
+            softmax_scale_log2,
+            latent_ring,
+            k_pe_buffers,
+            staged,
+            p_smem,
+            q_latent_smem,
+            q_pe_smem,
+            latent_cache_ptr,
+            k_pe_cache_ptr,
+            latent_scale_ptr,
+            latent_stride_page,
+            latent_stride_token,
+            k_pe_stride_page,
+            k_pe_stride_token,
+            scale_stride_page,
+            scale_stride_token,
+            PAGE_SIZE,
+            LATENT_DIM,
+            ROPE_DIM,
+            BLOCK_H,
+            BLOCK_N,
+            IS_FP8,
+        )
+        # The next copies' page ids, while the value product runs.
+        if IS_FP8:
+            page = page_after
+            page_after = _tile_page(
+                tile_begin + 3 * BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE
+            )
+        else:
+            page = _tile_page(tile_begin + 2 * BLOCK_N, split_end, block_table_row_ptr, PAGE_SIZE)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+    async_copy.wait_group(0)
+
+    out_rows = batch64 * n_rows + rows
+    _store_rows(
+        acc,
+        denominators,
+        max_score,
+        rows,
+        n_rows,
+        out_rows,
+        out_rows * num_splits + split,
+        out_ptr,
+        partial_out_ptr,
+        partial_lse_ptr,
+        LATENT_DIM,
+        BLOCK_H,
+        SINGLE_SPLIT,
+        IS_FP8,
+    )
+
+
+@gluon.jit
+def mla_decode_persistent_sm90_kernel(
+    q_latent_ptr,
+    q_pe_ptr,
+    latent_cache_ptr,
+    k_pe_cache_ptr,
+    latent_scale_ptr,
+    block_table_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    partial_out_ptr,
+    partial_lse_ptr,
+    softmax_scale_log2,
+    q_len,
+    n_heads,
+    q_latent_stride_batch,
+    q_latent_stride_seq,
+    q_latent_stride_head,
+    q_pe_stride_batch,
+    q_pe_stride_seq,
+    q_pe_stride_head,
+    latent_stride_page,
+    latent_stride_token: gl.constexpr,
+    k_pe_stride_page,
+    k_pe_stride_token: gl.constexpr,
+    scale_stride_page,
+    scale_stride_token,
+    block_table_stride_batch,
+    num_seqs,
+    partial_index_ptr,
+    PAGE_SIZE: gl.constexpr,
+    LATENT_DIM: gl.constexpr,
+    ROPE_DIM: gl.constexpr,
+    IS_FP8: gl.constexpr,
+    BLOCK_H: gl.constexpr,
+    BLOCK_N: gl.constexpr,
     BLOCK_B: gl.constexpr,
-    ONE_SEQUENCE: gl.constexpr,
 ):
     """Persistent: a one-dimensional grid, each program an equal run of the batch's tiles (see
     _schedule_start), across sequence boundaries, so that no program waits on a longer one and
     the copies stream on from one sequence into the next. A program writes one partial output
-    per sequence it touches, at slot sequence + program (SINGLE_SPLIT, one program: the outputs),
-    and the sequences' (first slot, number of partials) in partial_index (sequences, 2).
-    All rows of a sequence in one program (q_len x heads <= BLOCK_H)."""
-    dot_dtype: gl.constexpr = q_pe_ptr.dtype.element_ty
-    cache_dtype: gl.constexpr = latent_cache_ptr.dtype.element_ty
-    # The latent products of an fp8 tile run in fp16: e4m3 -> fp16 is one conversion per two
-    # values (-> bf16 goes through fp16 and then one more per value, the kernel's bottleneck).
-    if IS_FP8:
-        latent_dtype: gl.constexpr = gl.float16
-    else:
-        latent_dtype: gl.constexpr = dot_dtype
-    mma: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_H, 16]
-    )
-    token_layout: gl.constexpr = gl.SliceLayout(1, mma)
-    row_layout: gl.constexpr = gl.SliceLayout(0, mma)
-    tile_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for(
-        [BLOCK_N, LATENT_DIM], latent_dtype
-    )
-    raw_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for(
-        [BLOCK_N, LATENT_DIM], cache_dtype
-    )
-    k_pe_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, ROPE_DIM], dot_dtype)
-    p_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(
-        [BLOCK_N, BLOCK_H], latent_dtype
-    )
-
+    per sequence it touches, at slot sequence + program, and the sequences' (first slot, number
+    of partials) in partial_index (sequences, 2). All rows of a sequence in one program
+    (q_len x heads <= BLOCK_H)."""
     program = gl.program_id(0)
     n_rows = q_len * n_heads
     # The tiles this program attends to in turn are positions (sequence, tile, sequence length):
     # tile i (k_, whose sequence the outer loop follows), the next one (a_) and the one after
     # (b_), each with its page id once it is a copy away.
     n_work, k_seq, k_tile, k_len, first_tile, per_program = _schedule_start(
-        seq_lens_ptr,
-        partial_index_ptr,
-        num_seqs,
-        program,
-        gl.num_programs(0),
-        BLOCK_N,
-        BLOCK_B,
-        ONE_SEQUENCE,
+        seq_lens_ptr, partial_index_ptr, num_seqs, program, gl.num_programs(0), BLOCK_N, BLOCK_B
     )
-    a_seq, a_tile, a_len = _next_tile(
-        k_seq, k_tile, k_len, seq_lens_ptr, num_seqs, BLOCK_N, ONE_SEQUENCE
-    )
-    b_seq, b_tile, b_len = _next_tile(
-        a_seq, a_tile, a_len, seq_lens_ptr, num_seqs, BLOCK_N, ONE_SEQUENCE
-    )
+    a_seq, a_tile, a_len = _next_tile(k_seq, k_tile, k_len, seq_lens_ptr, num_seqs, BLOCK_N)
+    b_seq, b_tile, b_len = _next_tile(a_seq, a_tile, a_len, seq_lens_ptr, num_seqs, BLOCK_N)
     # Copies of tiles past the run are masked off by a length of 0.
     k_limit = gl.where(n_work > 0, k_len, 0)
     a_limit = gl.where(n_work > 1, a_len, 0)
@@ -597,50 +1139,36 @@ def mla_decode_split_sm90_kernel(
         PAGE_SIZE,
     )
 
-    # Two latent stages: the next tile's copy flies while this one is used. bf16: the value
-    # product reads the stage, so a tile's products finish within its iteration. fp8: tiles are
-    # converted into two staging buffers, the next tile while this one's value product runs;
-    # the rope keys then have one buffer, copied once the key products are done.
-    latent_ring = gl.allocate_shared_memory(cache_dtype, [2, BLOCK_N, LATENT_DIM], raw_smem)
-    k_pe_buffers = gl.allocate_shared_memory(
-        dot_dtype, [1 if IS_FP8 else 2, BLOCK_N, ROPE_DIM], k_pe_smem
+    latent_ring, k_pe_buffers, staged, p_smem, q_latent_smem, q_pe_smem, row_max_smem = (
+        _token_major_buffers(
+            latent_cache_ptr.dtype.element_ty,
+            q_pe_ptr.dtype.element_ty,
+            BLOCK_H,
+            BLOCK_N,
+            LATENT_DIM,
+            ROPE_DIM,
+            IS_FP8,
+        )
     )
-    if IS_FP8:
-        staged = gl.allocate_shared_memory(latent_dtype, [2, BLOCK_N, LATENT_DIM], tile_smem)
-    p_smem = gl.allocate_shared_memory(latent_dtype, [BLOCK_N, BLOCK_H], p_smem_layout)
-    q_latent_smem, q_pe_smem, row_max_smem = _q_shared_memory(
-        latent_dtype, dot_dtype, BLOCK_H, LATENT_DIM, ROPE_DIM
-    )
-
-    # The first tile's copies go out before q is read (fp8: the latent and the rope keys as two
-    # commit groups, in the order the loop waits for them).
-    _copy_rows(
-        latent_ring.index(0),
-        latent_cache_ptr,
+    # The first tile's copies go out before q is read.
+    _copy_first_tile(
+        latent_ring,
+        k_pe_buffers,
         k_tile * BLOCK_N,
         k_limit,
         k_page,
+        latent_cache_ptr,
+        k_pe_cache_ptr,
         latent_stride_page,
         latent_stride_token,
-        PAGE_SIZE,
-        LATENT_DIM,
-        BLOCK_N,
-    )
-    if IS_FP8:
-        async_copy.commit_group()
-    _copy_rows(
-        k_pe_buffers.index(0),
-        k_pe_cache_ptr,
-        k_tile * BLOCK_N,
-        k_limit,
-        k_page,
         k_pe_stride_page,
         k_pe_stride_token,
         PAGE_SIZE,
+        LATENT_DIM,
         ROPE_DIM,
         BLOCK_N,
+        IS_FP8,
     )
-    async_copy.commit_group()
 
     # q rows (query x head) into shared memory: the B operands of the key products (an empty
     # run reads sequence 0's).
@@ -679,49 +1207,36 @@ def mla_decode_split_sm90_kernel(
         block_table_ptr + b_seq.to(gl.int64) * block_table_stride_batch,
         PAGE_SIZE,
     )
-
-    rows = gl.arange(0, BLOCK_H, row_layout)
-    convert_layout: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0])
-    # fp8 scales come one tile ahead, into registers.
-    if IS_FP8:
-        next_scales = _tile_scales(
-            k_tile * BLOCK_N,
-            k_limit,
-            k_page,
-            latent_scale_ptr,
-            scale_stride_page,
-            scale_stride_token,
-            PAGE_SIZE,
-            BLOCK_N,
-            token_layout,
-        )
-        # Tile 0 is converted before the loop, tile i + 1 during tile i's value product; the
-        # latent of tile i + 2 is copied then.
-        _stage_next_tile(
-            a_tile * BLOCK_N,
-            a_limit,
-            a_page,
-            1,
-            0,
-            latent_ring,
-            staged,
-            latent_cache_ptr,
-            latent_stride_page,
-            latent_stride_token,
-            PAGE_SIZE,
-            LATENT_DIM,
-            BLOCK_N,
-            convert_layout,
-        )
-    else:
-        next_scales = gl.zeros([BLOCK_N], gl.float32, token_layout)
+    mma: gl.constexpr = _token_major_mma(BLOCK_H)
+    rows = gl.arange(0, BLOCK_H, gl.SliceLayout(0, mma))
+    next_scales = _stage_first_tile(
+        k_tile * BLOCK_N,
+        k_limit,
+        k_page,
+        a_tile * BLOCK_N,
+        a_limit,
+        a_page,
+        latent_ring,
+        staged,
+        latent_cache_ptr,
+        latent_scale_ptr,
+        latent_stride_page,
+        latent_stride_token,
+        scale_stride_page,
+        scale_stride_token,
+        PAGE_SIZE,
+        LATENT_DIM,
+        BLOCK_H,
+        BLOCK_N,
+        IS_FP8,
+    )
 
     # One pass per sequence of the run: its tiles, then its partial output. The copies run on
     # across sequences (the a_/b_ positions cross ahead of tile i).
     i = 0
     while i < n_work:
-        # A new sequence: its q rows (every warp is past the last key product's reads).
-        if not ONE_SEQUENCE and i > 0:
+        if i > 0:
+            # A new sequence: its q rows (every warp is past the last key product's reads).
             q_up = _reload_q_rows(
                 q_latent_smem,
                 q_pe_smem,
@@ -750,129 +1265,55 @@ def mla_decode_split_sm90_kernel(
             last_program = (first_tile + i + gl.cdiv(k_len, BLOCK_N) - 1) // per_program
             gl.store(partial_index_ptr + 2 * k_seq, k_seq + program)
             gl.store(partial_index_ptr + 2 * k_seq + 1, last_program - program + 1)
-        max_score = gl.full([BLOCK_H], -1.0e30, gl.float32, row_layout)
+        max_score = gl.full([BLOCK_H], -1.0e30, gl.float32, gl.SliceLayout(0, mma))
         denominators = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, mma)
         acc = gl.zeros([LATENT_DIM, BLOCK_H], gl.float32, mma)
         for tile in range(i, run_end):
-            # Made here, not kept across iterations: registers are short.
-            no_scores = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, mma)
-            stage = tile % 2
-            tile_begin = (k_tile + tile - i) * BLOCK_N
-            a_limit = gl.where(tile + 1 < n_work, a_len, 0)
-            if IS_FP8:
-                # Tile i is staged; its rope keys have landed (the next latent copy may fly).
-                async_copy.wait_group(1)
-                fence_async_shared()
-                gl.thread_barrier()
-                latent = staged.index(stage)
-                k_pe_tile = k_pe_buffers.index(0)
-                token_scale = next_scales
-                next_scales = _tile_scales(
-                    a_tile * BLOCK_N,
-                    a_limit,
-                    a_page,
-                    latent_scale_ptr,
-                    scale_stride_page,
-                    scale_stride_token,
-                    PAGE_SIZE,
-                    BLOCK_N,
-                    token_layout,
-                )
-            else:
-                # This tile's copies are done and every warp is past the previous tile's reads
-                # of the stage the next copy overwrites.
-                async_copy.wait_group(0)
-                fence_async_shared()
-                gl.thread_barrier()
-                _copy_tile(
-                    latent_ring.index(1 - stage),
-                    k_pe_buffers.index(1 - stage),
-                    a_tile * BLOCK_N,
-                    a_limit,
-                    a_page,
-                    latent_cache_ptr,
-                    k_pe_cache_ptr,
-                    latent_stride_page,
-                    latent_stride_token,
-                    k_pe_stride_page,
-                    k_pe_stride_token,
-                    PAGE_SIZE,
-                    LATENT_DIM,
-                    ROPE_DIM,
-                    BLOCK_N,
-                )
-                latent = latent_ring.index(stage)
-                k_pe_tile = k_pe_buffers.index(stage)
-            scores = warpgroup_mma(
-                latent, q_latent_smem.permute((1, 0)), no_scores, use_acc=False, is_async=True
+            acc, denominators, max_score, next_scales = _attend_tile(
+                tile % 2,
+                (k_tile + tile - i) * BLOCK_N,
+                k_len,
+                a_tile * BLOCK_N,
+                gl.where(tile + 1 < n_work, a_len, 0),
+                a_page,
+                b_tile * BLOCK_N,
+                gl.where(tile + 2 < n_work, b_len, 0),
+                b_page,
+                max_score,
+                denominators,
+                acc,
+                next_scales,
+                q_up,
+                rows,
+                q_len,
+                n_heads,
+                softmax_scale_log2,
+                latent_ring,
+                k_pe_buffers,
+                staged,
+                p_smem,
+                q_latent_smem,
+                q_pe_smem,
+                latent_cache_ptr,
+                k_pe_cache_ptr,
+                latent_scale_ptr,
+                latent_stride_page,
+                latent_stride_token,
+                k_pe_stride_page,
+                k_pe_stride_token,
+                scale_stride_page,
+                scale_stride_token,
+                PAGE_SIZE,
+                LATENT_DIM,
+                ROPE_DIM,
+                BLOCK_H,
+                BLOCK_N,
+                IS_FP8,
             )
-            if IS_FP8:
-                # The token's scale multiplies its latent score only (the rope key is not fp8).
-                rope_scores = warpgroup_mma(
-                    k_pe_tile, q_pe_smem.permute((1, 0)), no_scores, use_acc=False, is_async=True
-                )
-                scores, rope_scores = warpgroup_mma_wait(0, deps=(scores, rope_scores))
-                # The rope keys' buffer is free: the next tile's copy.
-                _copy_rows(
-                    k_pe_tile,
-                    k_pe_cache_ptr,
-                    a_tile * BLOCK_N,
-                    a_limit,
-                    a_page,
-                    k_pe_stride_page,
-                    k_pe_stride_token,
-                    PAGE_SIZE,
-                    ROPE_DIM,
-                    BLOCK_N,
-                )
-                async_copy.commit_group()
-                scores = scores * (token_scale * q_up)[:, None] + rope_scores
-            else:
-                scores = warpgroup_mma(k_pe_tile, q_pe_smem.permute((1, 0)), scores, is_async=True)
-                scores = warpgroup_mma_wait(0, deps=(scores,))
-
-            positions = tile_begin + gl.arange(0, BLOCK_N, token_layout)
-            # Causal among the new tokens: query i sees positions <= seq_len - q_len + i.
-            row_limit = k_len - q_len + rows // n_heads
-            visible = (positions[:, None] <= row_limit[None, :]) & (positions < k_len)[:, None]
-            scores = gl.where(visible, scores * softmax_scale_log2, -float("inf"))
-            # max_score starts finite: rows that see nothing yet keep alpha = 1 and p = 0.
-            new_max = gl.maximum(max_score, gl.max(scores, axis=0))
-            alpha = gl.exp2(max_score - new_max)
-            p = gl.exp2(scores - new_max[None, :])
-            denominators = denominators * alpha[None, :] + p
-            max_score = new_max
-            if IS_FP8:
-                p = p * (token_scale * P_GAIN)[:, None]
-            p_smem.store(p.to(latent_dtype))
-            fence_async_shared()
-            gl.thread_barrier()
-            acc = acc * alpha[None, :]
-            acc = warpgroup_mma(latent.permute((1, 0)), p_smem, acc, is_async=True)
-            if IS_FP8:
-                # While the value product runs: stage tile i + 1, copy the latent of i + 2.
-                _stage_next_tile(
-                    b_tile * BLOCK_N,
-                    gl.where(tile + 2 < n_work, b_len, 0),
-                    b_page,
-                    stage,
-                    1 - stage,
-                    latent_ring,
-                    staged,
-                    latent_cache_ptr,
-                    latent_stride_page,
-                    latent_stride_token,
-                    PAGE_SIZE,
-                    LATENT_DIM,
-                    BLOCK_N,
-                    convert_layout,
-                )
             # One tile on, while the value product runs: the page id of the new b_ tile is read
             # an iteration before its copy.
             a_tile, a_len, a_page = b_tile, b_len, b_page
-            b_seq, b_tile, b_len = _next_tile(
-                b_seq, b_tile, b_len, seq_lens_ptr, num_seqs, BLOCK_N, ONE_SEQUENCE
-            )
+            b_seq, b_tile, b_len = _next_tile(b_seq, b_tile, b_len, seq_lens_ptr, num_seqs, BLOCK_N)
             b_page = _tile_page(
                 b_tile * BLOCK_N,
                 gl.where(tile + 3 < n_work, b_len, 0),
@@ -881,46 +1322,26 @@ def mla_decode_split_sm90_kernel(
             )
             acc = warpgroup_mma_wait(0, deps=(acc,))
 
-        # This sequence's output from this run (a row that saw no token has denominator 0:
-        # output 0 and lse -inf, log2(0)).
-        denominator = gl.sum(denominators, axis=0)
-        has_tokens = denominator > 0.0
-        safe_denominator = gl.where(has_tokens, denominator, 1.0)
-        if IS_FP8:
-            out = acc / (safe_denominator * P_GAIN)[None, :]
-        else:
-            out = acc / safe_denominator[None, :]
-        row_mask = rows < n_rows
-        cols = gl.arange(0, LATENT_DIM, token_layout)
-        if SINGLE_SPLIT:
-            out_rows = k_seq.to(gl.int64) * n_rows + rows
-            gl.store(
-                out_ptr + (out_rows * LATENT_DIM)[None, :] + cols[:, None],
-                out.to(out_ptr.dtype.element_ty),
-                mask=row_mask[None, :],
-            )
-        else:
-            partial_rows = (k_seq + program).to(gl.int64) * n_rows + rows
-            lse = gl.where(has_tokens, max_score + gl.log2(safe_denominator), -float("inf"))
-            gl.store(partial_lse_ptr + partial_rows, lse, mask=row_mask)
-            gl.store(
-                partial_out_ptr + (partial_rows * LATENT_DIM)[None, :] + cols[:, None],
-                out,
-                mask=row_mask[None, :],
-            )
+        _store_rows(
+            acc,
+            denominators,
+            max_score,
+            rows,
+            n_rows,
+            None,
+            (k_seq + program).to(gl.int64) * n_rows + rows,
+            out_ptr,
+            partial_out_ptr,
+            partial_lse_ptr,
+            LATENT_DIM,
+            BLOCK_H,
+            False,
+            IS_FP8,
+        )
         i = run_end
         k_seq, k_len = _next_sequence(k_seq, seq_lens_ptr, num_seqs)
         k_tile = 0
     async_copy.wait_group(0)
-    if SINGLE_SPLIT and n_work == 0:
-        # One sequence without tokens: zeros.
-        gl.store(
-            out_ptr
-            + (rows * LATENT_DIM)[None, :]
-            + gl.arange(0, LATENT_DIM, token_layout)[:, None],
-            gl.zeros([LATENT_DIM, BLOCK_H], gl.float32, mma).to(out_ptr.dtype.element_ty),
-            mask=(rows < n_rows)[None, :],
-        )
 
 
 @gluon.jit
