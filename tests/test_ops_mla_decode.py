@@ -443,37 +443,47 @@ def test_default_config_reads_the_tuned_table(monkeypatch):
 
 def test_sm90_gluon_kernel_choice():
     """The Gluon kernel (and warp count) that takes a call on sm_90, by rows per program, page
-    size and cache format; None leaves the call to the Triton-language kernel."""
+    size, cache format, sequences and query rows per sequence; None leaves the call to the
+    Triton-language kernel."""
     cases = [
-        (16, 64, torch.bfloat16, 0),
-        (16, 128, torch.float16, 0),
-        (16, 64, torch.float8_e4m3fn, 1),
-        (16, 64, torch.float8_e4m3fn, 4),
-        (16, 32, torch.bfloat16, 0),
-        (32, 64, torch.bfloat16, 0),
-        (64, 64, torch.bfloat16, 0),
-        (64, 64, torch.float8_e4m3fn, 1),
-        (64, 64, torch.float8_e4m3fn, 4),
-        (64, 64, torch.float32, 0),
+        (16, 64, torch.bfloat16, 0, 1, 16),
+        (16, 128, torch.float16, 0, 31, 16),
+        (16, 64, torch.float8_e4m3fn, 1, 32, 16),
+        (16, 64, torch.bfloat16, 0, 1024, 4),
+        (16, 64, torch.bfloat16, 0, 1025, 4),
+        (16, 64, torch.bfloat16, 0, 64, 32),
+        (16, 64, torch.float8_e4m3fn, 4, 64, 16),
+        (16, 32, torch.bfloat16, 0, 1, 16),
+        (32, 64, torch.bfloat16, 0, 1, 32),
+        (64, 64, torch.bfloat16, 0, 64, 128),
+        (64, 64, torch.float8_e4m3fn, 1, 1, 128),
+        (64, 64, torch.float8_e4m3fn, 4, 1, 128),
+        (64, 64, torch.float32, 0, 1, 128),
     ]
     lines = []
-    for block_h, page_size, dtype, scale_groups in cases:
-        found = sm90_gluon_kernel(block_h, page_size, dtype, scale_groups)
+    for block_h, page_size, dtype, scale_groups, batch, n_rows in cases:
+        found = sm90_gluon_kernel(block_h, page_size, dtype, scale_groups, batch, n_rows)
         name = "-" if found is None else f"{found[0].__name__}, {found[1]} warps"
-        lines.append(f"{block_h} rows, pages of {page_size}, {dtype}, {scale_groups}: {name}")
+        lines.append(
+            f"{block_h} rows, pages of {page_size}, {dtype}, {scale_groups}, "
+            f"{batch} x {n_rows} rows: {name}"
+        )
     assert_expected_inline(
         "\n".join(lines),
         """\
-16 rows, pages of 64, torch.bfloat16, 0: mla_decode_split_sm90_kernel, 4 warps
-16 rows, pages of 128, torch.float16, 0: mla_decode_split_sm90_kernel, 4 warps
-16 rows, pages of 64, torch.float8_e4m3fn, 1: mla_decode_split_sm90_kernel, 4 warps
-16 rows, pages of 64, torch.float8_e4m3fn, 4: -
-16 rows, pages of 32, torch.bfloat16, 0: -
-32 rows, pages of 64, torch.bfloat16, 0: -
-64 rows, pages of 64, torch.bfloat16, 0: mla_decode_split_sm90_wide_kernel, 8 warps
-64 rows, pages of 64, torch.float8_e4m3fn, 1: mla_decode_split_sm90_wide_kernel, 8 warps
-64 rows, pages of 64, torch.float8_e4m3fn, 4: -
-64 rows, pages of 64, torch.float32, 0: -""",
+16 rows, pages of 64, torch.bfloat16, 0, 1 x 16 rows: mla_decode_split_sm90_kernel, 4 warps
+16 rows, pages of 128, torch.float16, 0, 31 x 16 rows: mla_decode_split_sm90_kernel, 4 warps
+16 rows, pages of 64, torch.float8_e4m3fn, 1, 32 x 16 rows: mla_decode_persistent_sm90_kernel, 4 warps
+16 rows, pages of 64, torch.bfloat16, 0, 1024 x 4 rows: mla_decode_persistent_sm90_kernel, 4 warps
+16 rows, pages of 64, torch.bfloat16, 0, 1025 x 4 rows: mla_decode_split_sm90_kernel, 4 warps
+16 rows, pages of 64, torch.bfloat16, 0, 64 x 32 rows: mla_decode_split_sm90_kernel, 4 warps
+16 rows, pages of 64, torch.float8_e4m3fn, 4, 64 x 16 rows: -
+16 rows, pages of 32, torch.bfloat16, 0, 1 x 16 rows: -
+32 rows, pages of 64, torch.bfloat16, 0, 1 x 32 rows: -
+64 rows, pages of 64, torch.bfloat16, 0, 64 x 128 rows: mla_decode_split_sm90_wide_kernel, 8 warps
+64 rows, pages of 64, torch.float8_e4m3fn, 1, 1 x 128 rows: mla_decode_split_sm90_wide_kernel, 8 warps
+64 rows, pages of 64, torch.float8_e4m3fn, 4, 1 x 128 rows: -
+64 rows, pages of 64, torch.float32, 0, 1 x 128 rows: -""",
     )
 
 

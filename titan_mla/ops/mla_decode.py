@@ -767,17 +767,26 @@ def default_config(
 
 
 def sm90_gluon_kernel(
-    block_h: int, page_size: int, cache_dtype: torch.dtype, scale_groups: int
+    block_h: int,
+    page_size: int,
+    cache_dtype: torch.dtype,
+    scale_groups: int,
+    batch: int = 1,
+    n_rows: int = 1,
 ) -> tuple[triton.JITFunction, int] | None:
     """The Gluon split kernel of mla_decode_sm90 (with its warp count) that takes, on sm_90, a
-    call of ``block_h`` rows per program, or None. Both read whole 64-token tiles per page of a
-    16-bit cache or an fp8 one with per-token scales; the token-major kernel takes up to 16 rows,
-    the wide kernel 64."""
+    call of ``block_h`` rows per program, ``batch`` sequences and ``n_rows`` query rows per
+    sequence (q_len x heads), or None. All read whole 64-token tiles per page of a 16-bit cache or
+    an fp8 one with per-token scales; the token-major kernels take up to 16 rows (the persistent
+    one batches of sm90.PERSISTENT_MIN_BATCH to sm90.MAX_BATCH sequences of at most block_h
+    rows), the wide kernel 64."""
     if page_size % sm90.BLOCK_N or not (
         cache_dtype in (torch.bfloat16, torch.float16) or scale_groups == 1
     ):
         return None
     if block_h <= sm90.MAX_ROWS:
+        if sm90.PERSISTENT_MIN_BATCH <= batch <= sm90.MAX_BATCH and n_rows <= block_h:
+            return sm90.mla_decode_persistent_sm90_kernel, sm90.NUM_WARPS
         return sm90.mla_decode_split_sm90_kernel, sm90.NUM_WARPS
     if block_h == sm90.WIDE_ROWS:
         return sm90.mla_decode_split_sm90_wide_kernel, sm90.WIDE_NUM_WARPS
@@ -949,20 +958,13 @@ def mla_decode_triton(
     gluon = (
         config.sm90_gluon
         and _is_sm90(q_latent.device)
-        and sm90_gluon_kernel(config.block_h, page_size, latent_cache.dtype, scale_groups)
+        and sm90_gluon_kernel(
+            config.block_h, page_size, latent_cache.dtype, scale_groups, batch, n_rows
+        )
     )
-    # Batches of PERSISTENT_MIN_BATCH sequences and more (up to MAX_BATCH, a sequence's rows in
-    # one program) take the persistent token-major kernel: batch x num_splits programs' worth of
-    # equal runs of tiles, at most one program per SM, a partial per sequence a program touches
-    # (slot sequence + program).
-    persistent = (
-        bool(gluon)
-        and gluon[0] is sm90.mla_decode_split_sm90_kernel
-        and sm90.PERSISTENT_MIN_BATCH <= batch <= sm90.MAX_BATCH
-        and n_rows <= config.block_h
-    )
-    if persistent:
-        gluon = sm90.mla_decode_persistent_sm90_kernel, gluon[1]
+    # The persistent kernel: batch x num_splits programs' worth of equal runs of tiles, at most
+    # one program per SM, a partial per sequence a program touches (slot sequence + program).
+    persistent = bool(gluon) and gluon[0] is sm90.mla_decode_persistent_sm90_kernel
     programs = min(batch * num_splits, sm_count) if persistent else num_splits
     single = programs == 1 and not persistent
     out = torch.empty(q_latent.shape, dtype=q_latent.dtype, device=q_latent.device)
