@@ -614,8 +614,10 @@ SM90_COMPILE_SCRIPT = textwrap.dedent(
                              IS_FP8=fp8, BLOCK_H=block_h, BLOCK_N=m.sm90.BLOCK_N,
                              latent_stride_token=512 if fp8 else 576,
                              k_pe_stride_token=64 if fp8 else 576)
-            constants.update(BLOCK_B=128) if "BLOCK_B" in kernel.arg_names else constants.update(
-                SINGLE_SPLIT=False)
+            if "BLOCK_B" in kernel.arg_names:
+                constants["BLOCK_B"] = 128
+            else:
+                constants["SINGLE_SPLIT"] = False
             build = compile_for_sm90(kernel, split_signature(kernel, fp8), constants, num_warps)
             print(kernel.fn.__name__, kind, block_h, build)
             # fp8: one 4-byte slot of local memory holds a value of the epilogue across the

@@ -317,7 +317,8 @@ def _q_rows_to_shared(
 
 
 # Not inlined: the token-major kernel reloads q once per sequence inside its loop, and an inlined
-# reload's addresses, hoisted out of the loop, make the fp8 kernel spill in every tile.
+# reload's addresses, hoisted out of the loop, make the fp8 kernel spill in every tile. A wrapper:
+# gluon.jit(_q_rows_to_shared.fn, noinline=True) was inlined all the same (Triton 3.6, PTX).
 @gluon.jit(noinline=True)
 def _reload_q_rows(
     q_latent_smem,
@@ -1394,10 +1395,7 @@ def mla_decode_split_sm90_wide_kernel(
     gl.static_assert(BLOCK_H == 64, "the wide kernel takes 64 rows per program")
     dot_dtype: gl.constexpr = q_pe_ptr.dtype.element_ty
     cache_dtype: gl.constexpr = latent_cache_ptr.dtype.element_ty
-    if IS_FP8:
-        latent_dtype: gl.constexpr = gl.float16
-    else:
-        latent_dtype: gl.constexpr = dot_dtype
+    latent_dtype: gl.constexpr = _latent_dtype(dot_dtype, IS_FP8)
     score_mma: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, BLOCK_N // 2, 16]
     )
