@@ -37,6 +37,8 @@ columns (a cross-warp maximum per tile); the denominators stay per thread until 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
@@ -64,6 +66,36 @@ WIDE_ROWS = 64
 WIDE_NUM_WARPS = 8
 # fp8 tiles are converted to fp16 through registers in this layout, 16 rows at a time.
 CONVERT_LAYOUT = gl.constexpr(gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0]))
+
+
+class PagedCache(NamedTuple):
+    """The paged cache as the kernels read it, built by each kernel from its arguments: the
+    latent and rope-key pools, the fp8 scales (a placeholder without fp8), and their page and
+    token strides (the latent and rope-key token strides are constexprs; Triton makes any
+    stride of 1 one too). Passed whole to the tile helpers, which are inlined: the same PTX as
+    passing each value."""
+
+    latent_ptr: gl.tensor
+    k_pe_ptr: gl.tensor
+    scale_ptr: gl.tensor
+    latent_stride_page: gl.tensor
+    latent_stride_token: gl.constexpr
+    k_pe_stride_page: gl.tensor
+    k_pe_stride_token: gl.constexpr
+    scale_stride_page: gl.tensor
+    scale_stride_token: gl.tensor
+
+
+class TileBuffers(NamedTuple):
+    """The token-major kernels' shared memory (see _token_major_buffers)."""
+
+    latent_ring: gl.shared_memory_descriptor
+    k_pe: gl.shared_memory_descriptor
+    staged: gl.shared_memory_descriptor
+    p: gl.shared_memory_descriptor
+    q_latent: gl.shared_memory_descriptor
+    q_pe: gl.shared_memory_descriptor
+    row_max: gl.shared_memory_descriptor
 
 
 @gluon.constexpr_function
@@ -122,9 +154,7 @@ def _stage_next_tile(
     convert_stage,
     latent_ring,
     staged,
-    latent_cache_ptr,
-    latent_stride_page,
-    latent_stride_token: gl.constexpr,
+    cache,
     PAGE_SIZE: gl.constexpr,
     LATENT_DIM: gl.constexpr,
     BLOCK_N: gl.constexpr,
@@ -137,12 +167,12 @@ def _stage_next_tile(
     gl.thread_barrier()
     _copy_rows(
         latent_ring.index(copy_stage),
-        latent_cache_ptr,
+        cache.latent_ptr,
         copy_begin,
         split_end,
         copy_page,
-        latent_stride_page,
-        latent_stride_token,
+        cache.latent_stride_page,
+        cache.latent_stride_token,
         PAGE_SIZE,
         LATENT_DIM,
         BLOCK_N,
@@ -160,12 +190,7 @@ def _copy_tile(
     tile_begin,
     split_end,
     page,
-    latent_cache_ptr,
-    k_pe_cache_ptr,
-    latent_stride_page,
-    latent_stride_token: gl.constexpr,
-    k_pe_stride_page,
-    k_pe_stride_token: gl.constexpr,
+    cache,
     PAGE_SIZE: gl.constexpr,
     LATENT_DIM: gl.constexpr,
     ROPE_DIM: gl.constexpr,
@@ -174,24 +199,24 @@ def _copy_tile(
     """The latent and rope-key copies of one tile as one commit group (see _copy_rows)."""
     _copy_rows(
         latent_destination,
-        latent_cache_ptr,
+        cache.latent_ptr,
         tile_begin,
         split_end,
         page,
-        latent_stride_page,
-        latent_stride_token,
+        cache.latent_stride_page,
+        cache.latent_stride_token,
         PAGE_SIZE,
         LATENT_DIM,
         BLOCK_N,
     )
     _copy_rows(
         k_pe_destination,
-        k_pe_cache_ptr,
+        cache.k_pe_ptr,
         tile_begin,
         split_end,
         page,
-        k_pe_stride_page,
-        k_pe_stride_token,
+        cache.k_pe_stride_page,
+        cache.k_pe_stride_token,
         PAGE_SIZE,
         ROPE_DIM,
         BLOCK_N,
@@ -404,9 +429,7 @@ def _tile_scales(
     tile_begin,
     split_end,
     page,
-    latent_scale_ptr,
-    scale_stride_page,
-    scale_stride_token,
+    cache,
     PAGE_SIZE: gl.constexpr,
     BLOCK_N: gl.constexpr,
     layout: gl.constexpr,
@@ -415,9 +438,9 @@ def _tile_scales(
     ``layout``."""
     tokens = tile_begin + gl.arange(0, BLOCK_N, layout)
     return gl.load(
-        latent_scale_ptr
-        + page.to(gl.int64) * scale_stride_page
-        + (tokens % PAGE_SIZE) * scale_stride_token,
+        cache.scale_ptr
+        + page.to(gl.int64) * cache.scale_stride_page
+        + (tokens % PAGE_SIZE) * cache.scale_stride_token,
         mask=tokens < split_end,
         other=0.0,
     )
@@ -548,22 +571,18 @@ def _token_major_buffers(
     q_latent_smem, q_pe_smem, row_max_smem = _q_shared_memory(
         latent_dtype, dot_dtype, BLOCK_H, LATENT_DIM, ROPE_DIM
     )
-    return latent_ring, k_pe_buffers, staged, p_smem, q_latent_smem, q_pe_smem, row_max_smem
+    return TileBuffers(
+        latent_ring, k_pe_buffers, staged, p_smem, q_latent_smem, q_pe_smem, row_max_smem
+    )
 
 
 @gluon.jit
 def _copy_first_tile(
-    latent_ring,
-    k_pe_buffers,
+    buffers,
     tile_begin,
     limit,
     page,
-    latent_cache_ptr,
-    k_pe_cache_ptr,
-    latent_stride_page,
-    latent_stride_token: gl.constexpr,
-    k_pe_stride_page,
-    k_pe_stride_token: gl.constexpr,
+    cache,
     PAGE_SIZE: gl.constexpr,
     LATENT_DIM: gl.constexpr,
     ROPE_DIM: gl.constexpr,
@@ -573,13 +592,13 @@ def _copy_first_tile(
     """A program's first tile into stage 0 (fp8: the latent and the rope keys as two commit
     groups, in the order the loop waits for them)."""
     _copy_rows(
-        latent_ring.index(0),
-        latent_cache_ptr,
+        buffers.latent_ring.index(0),
+        cache.latent_ptr,
         tile_begin,
         limit,
         page,
-        latent_stride_page,
-        latent_stride_token,
+        cache.latent_stride_page,
+        cache.latent_stride_token,
         PAGE_SIZE,
         LATENT_DIM,
         BLOCK_N,
@@ -587,13 +606,13 @@ def _copy_first_tile(
     if IS_FP8:
         async_copy.commit_group()
     _copy_rows(
-        k_pe_buffers.index(0),
-        k_pe_cache_ptr,
+        buffers.k_pe.index(0),
+        cache.k_pe_ptr,
         tile_begin,
         limit,
         page,
-        k_pe_stride_page,
-        k_pe_stride_token,
+        cache.k_pe_stride_page,
+        cache.k_pe_stride_token,
         PAGE_SIZE,
         ROPE_DIM,
         BLOCK_N,
@@ -609,14 +628,8 @@ def _stage_first_tile(
     next_begin,
     next_limit,
     next_page,
-    latent_ring,
-    staged,
-    latent_cache_ptr,
-    latent_scale_ptr,
-    latent_stride_page,
-    latent_stride_token: gl.constexpr,
-    scale_stride_page,
-    scale_stride_token,
+    buffers,
+    cache,
     PAGE_SIZE: gl.constexpr,
     LATENT_DIM: gl.constexpr,
     BLOCK_H: gl.constexpr,
@@ -632,9 +645,7 @@ def _stage_first_tile(
             first_begin,
             first_limit,
             first_page,
-            latent_scale_ptr,
-            scale_stride_page,
-            scale_stride_token,
+            cache,
             PAGE_SIZE,
             BLOCK_N,
             token_layout,
@@ -645,11 +656,9 @@ def _stage_first_tile(
             next_page,
             1,
             0,
-            latent_ring,
-            staged,
-            latent_cache_ptr,
-            latent_stride_page,
-            latent_stride_token,
+            buffers.latent_ring,
+            buffers.staged,
+            cache,
             PAGE_SIZE,
             LATENT_DIM,
             BLOCK_N,
@@ -680,21 +689,8 @@ def _attend_tile(
     q_len,
     n_heads,
     softmax_scale_log2,
-    latent_ring,
-    k_pe_buffers,
-    staged,
-    p_smem,
-    q_latent_smem,
-    q_pe_smem,
-    latent_cache_ptr,
-    k_pe_cache_ptr,
-    latent_scale_ptr,
-    latent_stride_page,
-    latent_stride_token: gl.constexpr,
-    k_pe_stride_page,
-    k_pe_stride_token: gl.constexpr,
-    scale_stride_page,
-    scale_stride_token,
+    buffers,
+    cache,
     PAGE_SIZE: gl.constexpr,
     LATENT_DIM: gl.constexpr,
     ROPE_DIM: gl.constexpr,
@@ -716,16 +712,14 @@ def _attend_tile(
         async_copy.wait_group(1)
         fence_async_shared()
         gl.thread_barrier()
-        latent = staged.index(stage)
-        k_pe_tile = k_pe_buffers.index(0)
+        latent = buffers.staged.index(stage)
+        k_pe_tile = buffers.k_pe.index(0)
         token_scale = next_scales
         next_scales = _tile_scales(
             next_begin,
             next_limit,
             next_page,
-            latent_scale_ptr,
-            scale_stride_page,
-            scale_stride_token,
+            cache,
             PAGE_SIZE,
             BLOCK_N,
             token_layout,
@@ -737,42 +731,37 @@ def _attend_tile(
         fence_async_shared()
         gl.thread_barrier()
         _copy_tile(
-            latent_ring.index(1 - stage),
-            k_pe_buffers.index(1 - stage),
+            buffers.latent_ring.index(1 - stage),
+            buffers.k_pe.index(1 - stage),
             next_begin,
             next_limit,
             next_page,
-            latent_cache_ptr,
-            k_pe_cache_ptr,
-            latent_stride_page,
-            latent_stride_token,
-            k_pe_stride_page,
-            k_pe_stride_token,
+            cache,
             PAGE_SIZE,
             LATENT_DIM,
             ROPE_DIM,
             BLOCK_N,
         )
-        latent = latent_ring.index(stage)
-        k_pe_tile = k_pe_buffers.index(stage)
+        latent = buffers.latent_ring.index(stage)
+        k_pe_tile = buffers.k_pe.index(stage)
     scores = warpgroup_mma(
-        latent, q_latent_smem.permute((1, 0)), no_scores, use_acc=False, is_async=True
+        latent, buffers.q_latent.permute((1, 0)), no_scores, use_acc=False, is_async=True
     )
     if IS_FP8:
         # The token's scale multiplies its latent score only (the rope key is not fp8).
         rope_scores = warpgroup_mma(
-            k_pe_tile, q_pe_smem.permute((1, 0)), no_scores, use_acc=False, is_async=True
+            k_pe_tile, buffers.q_pe.permute((1, 0)), no_scores, use_acc=False, is_async=True
         )
         scores, rope_scores = warpgroup_mma_wait(0, deps=(scores, rope_scores))
         # The rope keys' buffer is free: the next tile's copy.
         _copy_rows(
             k_pe_tile,
-            k_pe_cache_ptr,
+            cache.k_pe_ptr,
             next_begin,
             next_limit,
             next_page,
-            k_pe_stride_page,
-            k_pe_stride_token,
+            cache.k_pe_stride_page,
+            cache.k_pe_stride_token,
             PAGE_SIZE,
             ROPE_DIM,
             BLOCK_N,
@@ -780,7 +769,7 @@ def _attend_tile(
         async_copy.commit_group()
         scores = scores * (token_scale * q_up)[:, None] + rope_scores
     else:
-        scores = warpgroup_mma(k_pe_tile, q_pe_smem.permute((1, 0)), scores, is_async=True)
+        scores = warpgroup_mma(k_pe_tile, buffers.q_pe.permute((1, 0)), scores, is_async=True)
         scores = warpgroup_mma_wait(0, deps=(scores,))
 
     positions = tile_begin + gl.arange(0, BLOCK_N, token_layout)
@@ -796,11 +785,11 @@ def _attend_tile(
     denominators = denominators * alpha[None, :] + p
     if IS_FP8:
         p = p * (token_scale * P_GAIN)[:, None]
-    p_smem.store(p.to(p_smem.dtype))
+    buffers.p.store(p.to(buffers.p.dtype))
     fence_async_shared()
     gl.thread_barrier()
     acc = acc * alpha[None, :]
-    acc = warpgroup_mma(latent.permute((1, 0)), p_smem, acc, is_async=True)
+    acc = warpgroup_mma(latent.permute((1, 0)), buffers.p, acc, is_async=True)
     if IS_FP8:
         # While the value product runs: stage tile i + 1, copy the latent of tile i + 2.
         _stage_next_tile(
@@ -809,11 +798,9 @@ def _attend_tile(
             after_page,
             stage,
             1 - stage,
-            latent_ring,
-            staged,
-            latent_cache_ptr,
-            latent_stride_page,
-            latent_stride_token,
+            buffers.latent_ring,
+            buffers.staged,
+            cache,
             PAGE_SIZE,
             LATENT_DIM,
             BLOCK_N,
@@ -912,31 +899,34 @@ def mla_decode_split_sm90_kernel(
     split_begin, split_end, n_tiles = _split_range(seq_len, split, num_splits, BLOCK_N)
     block_table_row_ptr = block_table_ptr + batch64 * block_table_stride_batch
 
-    latent_ring, k_pe_buffers, staged, p_smem, q_latent_smem, q_pe_smem, row_max_smem = (
-        _token_major_buffers(
-            latent_cache_ptr.dtype.element_ty,
-            q_pe_ptr.dtype.element_ty,
-            BLOCK_H,
-            BLOCK_N,
-            LATENT_DIM,
-            ROPE_DIM,
-            IS_FP8,
-        )
+    buffers = _token_major_buffers(
+        latent_cache_ptr.dtype.element_ty,
+        q_pe_ptr.dtype.element_ty,
+        BLOCK_H,
+        BLOCK_N,
+        LATENT_DIM,
+        ROPE_DIM,
+        IS_FP8,
     )
-    # The first tile's copies go out before q is read.
-    first_page = _tile_page(split_begin, split_end, block_table_row_ptr, PAGE_SIZE)
-    _copy_first_tile(
-        latent_ring,
-        k_pe_buffers,
-        split_begin,
-        split_end,
-        first_page,
+    cache = PagedCache(
         latent_cache_ptr,
         k_pe_cache_ptr,
+        latent_scale_ptr,
         latent_stride_page,
         latent_stride_token,
         k_pe_stride_page,
         k_pe_stride_token,
+        scale_stride_page,
+        scale_stride_token,
+    )
+    # The first tile's copies go out before q is read.
+    first_page = _tile_page(split_begin, split_end, block_table_row_ptr, PAGE_SIZE)
+    _copy_first_tile(
+        buffers,
+        split_begin,
+        split_end,
+        first_page,
+        cache,
         PAGE_SIZE,
         LATENT_DIM,
         ROPE_DIM,
@@ -947,9 +937,9 @@ def mla_decode_split_sm90_kernel(
 
     # q rows (query x head) into shared memory: the B operands of the key products.
     q_up = _q_rows_to_shared(
-        q_latent_smem,
-        q_pe_smem,
-        row_max_smem,
+        buffers.q_latent,
+        buffers.q_pe,
+        buffers.row_max,
         q_latent_ptr,
         q_pe_ptr,
         batch64,
@@ -981,14 +971,8 @@ def mla_decode_split_sm90_kernel(
         split_begin + BLOCK_N,
         split_end,
         page,
-        latent_ring,
-        staged,
-        latent_cache_ptr,
-        latent_scale_ptr,
-        latent_stride_page,
-        latent_stride_token,
-        scale_stride_page,
-        scale_stride_token,
+        buffers,
+        cache,
         PAGE_SIZE,
         LATENT_DIM,
         BLOCK_H,
@@ -1024,21 +1008,8 @@ def mla_decode_split_sm90_kernel(
             q_len,
             n_heads,
             softmax_scale_log2,
-            latent_ring,
-            k_pe_buffers,
-            staged,
-            p_smem,
-            q_latent_smem,
-            q_pe_smem,
-            latent_cache_ptr,
-            k_pe_cache_ptr,
-            latent_scale_ptr,
-            latent_stride_page,
-            latent_stride_token,
-            k_pe_stride_page,
-            k_pe_stride_token,
-            scale_stride_page,
-            scale_stride_token,
+            buffers,
+            cache,
             PAGE_SIZE,
             LATENT_DIM,
             ROPE_DIM,
@@ -1140,30 +1111,33 @@ def mla_decode_persistent_sm90_kernel(
         PAGE_SIZE,
     )
 
-    latent_ring, k_pe_buffers, staged, p_smem, q_latent_smem, q_pe_smem, row_max_smem = (
-        _token_major_buffers(
-            latent_cache_ptr.dtype.element_ty,
-            q_pe_ptr.dtype.element_ty,
-            BLOCK_H,
-            BLOCK_N,
-            LATENT_DIM,
-            ROPE_DIM,
-            IS_FP8,
-        )
+    buffers = _token_major_buffers(
+        latent_cache_ptr.dtype.element_ty,
+        q_pe_ptr.dtype.element_ty,
+        BLOCK_H,
+        BLOCK_N,
+        LATENT_DIM,
+        ROPE_DIM,
+        IS_FP8,
     )
-    # The first tile's copies go out before q is read.
-    _copy_first_tile(
-        latent_ring,
-        k_pe_buffers,
-        k_tile * BLOCK_N,
-        k_limit,
-        k_page,
+    cache = PagedCache(
         latent_cache_ptr,
         k_pe_cache_ptr,
+        latent_scale_ptr,
         latent_stride_page,
         latent_stride_token,
         k_pe_stride_page,
         k_pe_stride_token,
+        scale_stride_page,
+        scale_stride_token,
+    )
+    # The first tile's copies go out before q is read.
+    _copy_first_tile(
+        buffers,
+        k_tile * BLOCK_N,
+        k_limit,
+        k_page,
+        cache,
         PAGE_SIZE,
         LATENT_DIM,
         ROPE_DIM,
@@ -1174,9 +1148,9 @@ def mla_decode_persistent_sm90_kernel(
     # q rows (query x head) into shared memory: the B operands of the key products (an empty
     # run reads sequence 0's).
     q_up = _q_rows_to_shared(
-        q_latent_smem,
-        q_pe_smem,
-        row_max_smem,
+        buffers.q_latent,
+        buffers.q_pe,
+        buffers.row_max,
         q_latent_ptr,
         q_pe_ptr,
         gl.minimum(k_seq, num_seqs - 1).to(gl.int64),
@@ -1217,14 +1191,8 @@ def mla_decode_persistent_sm90_kernel(
         a_tile * BLOCK_N,
         a_limit,
         a_page,
-        latent_ring,
-        staged,
-        latent_cache_ptr,
-        latent_scale_ptr,
-        latent_stride_page,
-        latent_stride_token,
-        scale_stride_page,
-        scale_stride_token,
+        buffers,
+        cache,
         PAGE_SIZE,
         LATENT_DIM,
         BLOCK_H,
@@ -1239,9 +1207,9 @@ def mla_decode_persistent_sm90_kernel(
         if i > 0:
             # A new sequence: its q rows (every warp is past the last key product's reads).
             q_up = _reload_q_rows(
-                q_latent_smem,
-                q_pe_smem,
-                row_max_smem,
+                buffers.q_latent,
+                buffers.q_pe,
+                buffers.row_max,
                 q_latent_ptr,
                 q_pe_ptr,
                 k_seq.to(gl.int64),
@@ -1289,21 +1257,8 @@ def mla_decode_persistent_sm90_kernel(
                 q_len,
                 n_heads,
                 softmax_scale_log2,
-                latent_ring,
-                k_pe_buffers,
-                staged,
-                p_smem,
-                q_latent_smem,
-                q_pe_smem,
-                latent_cache_ptr,
-                k_pe_cache_ptr,
-                latent_scale_ptr,
-                latent_stride_page,
-                latent_stride_token,
-                k_pe_stride_page,
-                k_pe_stride_token,
-                scale_stride_page,
-                scale_stride_token,
+                buffers,
+                cache,
                 PAGE_SIZE,
                 LATENT_DIM,
                 ROPE_DIM,
@@ -1416,6 +1371,17 @@ def mla_decode_split_sm90_wide_kernel(
     seq_len = gl.load(seq_lens_ptr + batch)
     split_begin, split_end, n_tiles = _split_range(seq_len, split, num_splits, BLOCK_N)
     block_table_row_ptr = block_table_ptr + batch64 * block_table_stride_batch
+    cache = PagedCache(
+        latent_cache_ptr,
+        k_pe_cache_ptr,
+        latent_scale_ptr,
+        latent_stride_page,
+        latent_stride_token,
+        k_pe_stride_page,
+        k_pe_stride_token,
+        scale_stride_page,
+        scale_stride_token,
+    )
 
     latent_ring = gl.allocate_shared_memory(
         cache_dtype,
@@ -1447,12 +1413,7 @@ def mla_decode_split_sm90_wide_kernel(
         split_begin,
         split_end,
         page,
-        latent_cache_ptr,
-        k_pe_cache_ptr,
-        latent_stride_page,
-        latent_stride_token,
-        k_pe_stride_page,
-        k_pe_stride_token,
+        cache,
         PAGE_SIZE,
         LATENT_DIM,
         ROPE_DIM,
@@ -1507,12 +1468,7 @@ def mla_decode_split_sm90_wide_kernel(
             tile_begin + BLOCK_N,
             split_end,
             page,
-            latent_cache_ptr,
-            k_pe_cache_ptr,
-            latent_stride_page,
-            latent_stride_token,
-            k_pe_stride_page,
-            k_pe_stride_token,
+            cache,
             PAGE_SIZE,
             LATENT_DIM,
             ROPE_DIM,
@@ -1523,9 +1479,7 @@ def mla_decode_split_sm90_wide_kernel(
                 tile_begin,
                 split_end,
                 tile_page,
-                latent_scale_ptr,
-                scale_stride_page,
-                scale_stride_token,
+                cache,
                 PAGE_SIZE,
                 BLOCK_N,
                 token_layout,
