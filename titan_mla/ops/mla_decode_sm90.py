@@ -64,8 +64,11 @@ MAX_BATCH = 1024
 # mla_decode_split_sm90_wide_kernel: 64 rows per program, two warpgroups.
 WIDE_ROWS = 64
 WIDE_NUM_WARPS = 8
-# fp8 tiles are converted to fp16 through registers in this layout, 16 rows at a time.
-CONVERT_LAYOUT = gl.constexpr(gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0]))
+# fp8 tiles are converted to fp16 through registers in this layout (16 bytes of a row per thread,
+# a warp down 32 rows): no shared-memory bank conflicts reading the fp8 tile or writing the fp16
+# one (gl.bank_conflicts: 0 and 0; [8, 4] threads per warp read with 1, and the token-major fp8
+# kernel ran 1.03-1.07x faster without it on H100).
+CONVERT_LAYOUT = gl.constexpr(gl.BlockedLayout([1, 16], [32, 1], [2, 2], [1, 0]))
 
 
 class PagedCache(NamedTuple):
