@@ -8,7 +8,10 @@ token read once (bf16: 576 x 2 bytes; fp8: 512 + 4 (per-token scale) or 4 x 4 (p
 + 64 x 2 rope bytes) plus q and out bytes; TFLOP/s = 2 x heads x tokens x (512 + 64 + 512) / time.
 The triton_* rows are the op as the engine calls it (on sm_90 the bf16 and per-token fp8 cases
 take the Gluon kernels of mla_decode_sm90); where they do, triton_*_tl rows time the
-Triton-language kernel with the same configuration, its baseline. Every variant is checked
+Triton-language kernel with the same configuration, its baseline. Where DeepSeek's FlashMLA
+package (`flash_mla`, CUDA, sm_90) is installed, its dense decode is timed on the same bf16 cache
+(flashmla_bf16 rows: its scheduling metadata made once and reused; flashmla_bf16_step: made
+per call, as a decode step whose lengths have grown needs; it takes our pool layout as is). Every variant is checked
 against the reference before it is timed, and timed as CUDA-graph replays of 10 back-to-back
 calls (a decode step's launch path; the 1 GiB copy bandwidth is timed eagerly, see
 copy_bandwidth; an elementwise kernel moving each 16-head case's bf16 bytes is timed like the
@@ -44,6 +47,11 @@ from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import graph_time_ms, relative_error, write_result
+
+try:  # DeepSeek's FlashMLA, the CUDA kernel this op is measured against where it is installed
+    import flash_mla
+except ImportError:
+    flash_mla = None
 from titan_mla.ops.mla_decode import (
     DecodeConfig,
     cache_kind,
@@ -103,7 +111,8 @@ SMOKE_SHAPES = [Shape(8, 1024, 16, True), Shape(4, 512, 128, True), Shape(1, 819
 class Inputs:
     q_latent: torch.Tensor
     q_pe: torch.Tensor
-    latent_cache: torch.Tensor  # bf16 view of the (pages, page, 576) pool
+    pool: torch.Tensor  # (pages, page, 576) bf16: each token's latent then its rope key
+    latent_cache: torch.Tensor  # bf16 view of the pool
     k_pe_cache: torch.Tensor  # bf16 view of the same pool
     fp8_latents: dict[int, tuple[torch.Tensor, torch.Tensor]]  # scale groups -> (latent, scales)
     k_pe_fp8_side: torch.Tensor  # the rope part an fp8 engine keeps beside its fp8 latent
@@ -155,6 +164,7 @@ def make_inputs(shape: Shape, generator: torch.Generator) -> Inputs:
         shape.batch, 1, shape.heads, LATENT_DIM + ROPE_DIM, generator=gpu_generator, device=device
     ).bfloat16()
     return Inputs(
+        pool=pool,
         q_latent=queries[..., :LATENT_DIM].contiguous(),
         q_pe=queries[..., LATENT_DIM:].contiguous(),
         latent_cache=pool[..., :LATENT_DIM],
@@ -169,6 +179,29 @@ def make_inputs(shape: Shape, generator: torch.Generator) -> Inputs:
         seq_lens=seq_lens.to(device=device, dtype=torch.int32),
         tokens=int(seq_lens.sum()),
     )
+
+
+def flashmla_variant(inputs: Inputs, schedule_per_call: bool) -> Callable[[], Tensor]:
+    """FlashMLA's dense decode on the bf16 pool, seen as one key head of 576. Its scheduling
+    metadata is made by the first call given a new one and may be reused only while the lengths
+    stay the same: reused (its kernels alone), or new per call (a decode step, where every
+    length has grown by one)."""
+    queries = torch.cat([inputs.q_latent, inputs.q_pe], dim=-1)
+    reused_schedule, _ = flash_mla.get_mla_metadata()
+
+    def run() -> Tensor:
+        schedule = flash_mla.get_mla_metadata()[0] if schedule_per_call else reused_schedule
+        return flash_mla.flash_mla_with_kvcache(
+            queries,
+            inputs.pool.unsqueeze(2),
+            inputs.block_table,
+            inputs.seq_lens,
+            LATENT_DIM,
+            schedule,
+            softmax_scale=SOFTMAX_SCALE,
+        )[0]
+
+    return run
 
 
 def reference_memory(shape: Shape) -> int:
@@ -353,10 +386,14 @@ def bench_shape(
                 groups,
                 language_config,
             )
+    if flash_mla is not None:
+        variants["flashmla_bf16"] = (flashmla_variant(inputs, False), 0, None)
+        variants["flashmla_bf16_step"] = (flashmla_variant(inputs, True), 0, None)
     ours = {groups: variants[f"triton_{name}"][0]() for name, groups in CACHE_FORMATS.items()}
     fp8_outputs = {groups: out for groups, out in ours.items() if groups}
     for impl, (fn, groups, _) in variants.items():
-        if impl.endswith("_tl"):  # the Triton-language kernels agree with the default ones
+        # The Triton-language kernels and FlashMLA agree with the default ones.
+        if impl.endswith("_tl") or impl.startswith("flashmla"):
             assert relative_error(fn(), ours[groups]) <= TOLERANCE, (shape, impl)
     for groups, out in fp8_outputs.items():
         fp8_error = relative_error(out, ours[0])
@@ -489,6 +526,11 @@ def main() -> None:
         "copy_gbps": copy_gbps,
         "configs": "best per case (--tune)" if args.tune else "default heuristic",
     }
+    if flash_mla is not None:
+        summary["flashmla_bf16_frac_of_copy_bw"] = min(
+            value(rows, case, "flashmla_bf16", "GB/s") / copy_gbps for case in memory_bound
+        )
+        summary["flashmla_h128_tflops"] = value(rows, h128, "flashmla_bf16", "TFLOP/s")
     if notes:
         summary["notes"] = "; ".join(notes)
     command = "python " + " ".join(sys.argv)
