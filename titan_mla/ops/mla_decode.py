@@ -1053,7 +1053,8 @@ def mla_decode_triton(
             out,
             partial_index,
             n_rows,
-            NUM_SPLITS=programs,
+            # Unused by the persistent layout: one value there, not one compile per grid size.
+            NUM_SPLITS=0 if persistent else programs,
             LATENT_DIM=latent_dim,
             BLOCK_SPLITS=block_splits,
             BLOCK_D=block_d,
