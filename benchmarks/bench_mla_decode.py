@@ -6,17 +6,16 @@ uniform in [context / 2, context], and (1, 65536, 16), (1, 1048576, 16); q_len 1
 kv_lora_rank 512, rope 64, pages shuffled in one pool. GB/s as FlashMLA counts it: every cached
 token read once (bf16: 576 x 2 bytes; fp8: 512 + 4 (per-token scale) or 4 x 4 (per-128 scales)
 + 64 x 2 rope bytes) plus q and out bytes; TFLOP/s = 2 x heads x tokens x (512 + 64 + 512) / time.
-The triton_* rows are the op as the engine calls it (on sm_90 the bf16 and per-token fp8 cases
-take the Gluon kernels of mla_decode_sm90); where they do, triton_*_tl rows time the
-Triton-language kernel with the same configuration, its baseline. Where DeepSeek's FlashMLA
-package (`flash_mla`, CUDA, sm_90) is installed, its dense decode is timed on the same bf16 cache
-(flashmla_bf16 rows: its scheduling metadata made once and reused; flashmla_bf16_step: made
-per call, as a decode step whose lengths have grown needs; it takes our pool layout as is). Every variant is checked
-against the reference before it is timed, and timed as CUDA-graph replays of 10 back-to-back
-calls (a decode step's launch path; the 1 GiB copy bandwidth is timed eagerly, see
-copy_bandwidth; an elementwise kernel moving each 16-head case's bf16 bytes is timed like the
-kernels, as that size's ceiling). Writes benchmarks/results/mla_decode-<gpu>.json (+ .md) or
---out.
+The triton_* rows are the op as the engine calls it (on sm_90 the bf16 and per-token fp8 cases take
+the Gluon kernels of mla_decode_sm90); where they do, triton_*_tl rows time the Triton-language
+kernel with the same configuration, its baseline. Where DeepSeek's FlashMLA package (`flash_mla`,
+CUDA, sm_90) is installed, its dense decode is timed on the same bf16 cache (flashmla_bf16 rows:
+its scheduling metadata made once and reused; flashmla_bf16_step: made per call, as a decode step
+whose lengths have grown needs; it takes our pool layout as is). Every variant is checked against
+the reference before it is timed, and timed as CUDA-graph replays of 10 back-to-back calls (a
+decode step's launch path; the 1 GiB copy bandwidth is timed eagerly, see copy_bandwidth; an
+elementwise kernel moving each 16-head case's bf16 bytes is timed like the kernels, as that size's
+ceiling). Writes benchmarks/results/mla_decode-<gpu>.json (+ .md) or --out.
 
     COMMIT=$(git rev-parse HEAD) python benchmarks/bench_mla_decode.py --out benchmarks/results
 
@@ -112,13 +111,19 @@ class Inputs:
     q_latent: torch.Tensor
     q_pe: torch.Tensor
     pool: torch.Tensor  # (pages, page, 576) bf16: each token's latent then its rope key
-    latent_cache: torch.Tensor  # bf16 view of the pool
-    k_pe_cache: torch.Tensor  # bf16 view of the same pool
     fp8_latents: dict[int, tuple[torch.Tensor, torch.Tensor]]  # scale groups -> (latent, scales)
     k_pe_fp8_side: torch.Tensor  # the rope part an fp8 engine keeps beside its fp8 latent
     block_table: torch.Tensor
     seq_lens: torch.Tensor
     tokens: int
+
+    @property
+    def latent_cache(self) -> torch.Tensor:
+        return self.pool[..., :LATENT_DIM]
+
+    @property
+    def k_pe_cache(self) -> torch.Tensor:
+        return self.pool[..., LATENT_DIM:]
 
     def args(self, scale_groups: int) -> tuple:
         """mla_decode_triton's positional arguments up to latent_scale, on the cache format with
@@ -167,8 +172,6 @@ def make_inputs(shape: Shape, generator: torch.Generator) -> Inputs:
         pool=pool,
         q_latent=queries[..., :LATENT_DIM].contiguous(),
         q_pe=queries[..., LATENT_DIM:].contiguous(),
-        latent_cache=pool[..., :LATENT_DIM],
-        k_pe_cache=pool[..., LATENT_DIM:],
         fp8_latents={
             groups: quantize_latent_fp8(pool[..., :LATENT_DIM], LATENT_DIM // groups)
             for groups in CACHE_FORMATS.values()

@@ -545,11 +545,11 @@ def _latent_dtype(dot_dtype, is_fp8):
 
 
 @gluon.constexpr_function
-def _token_major_mma(block_h):
+def _token_major_mma(block_h, k_width=16):
     """The token-major products' accumulator layout: tokens (or latent columns) down the four
-    warps, the block_h query rows as wgmma's N."""
+    warps, the block_h query rows as wgmma's N; k_width: wgmma's K (32 for fp8 operands)."""
     return gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, block_h, 16]
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, block_h, k_width]
     )
 
 
@@ -781,9 +781,7 @@ def _attend_tile(
             # The key product on the fp8 tile itself (still in its ring stage: the tile after
             # the next is copied there once the value product is issued) against q's e4m3 pair,
             # the two halves of one wgmma's N (see _q_rows_to_shared), added below.
-            pair_mma: gl.constexpr = gl.NVMMADistributedLayout(
-                version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 2 * BLOCK_H, 32]
-            )
+            pair_mma: gl.constexpr = _token_major_mma(2 * BLOCK_H, 32)
             scores = warpgroup_mma(
                 buffers.latent_ring.index(stage),
                 buffers.q_latent.permute((1, 0)),
